@@ -1,0 +1,20 @@
+# xrai: from a PDB entry to a reconstructed molecule and the X-RAI paper's Table 1.
+#   snakemake --cores 2 --configfile config/demo.yaml     (laptop demo)
+#   snakemake --profile slurm                             (the paper, on a cluster)
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/fetch.smk"
+include: "workflow/rules/simulate.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/phase.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        final_outputs(),
+    default_target: True

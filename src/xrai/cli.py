@@ -1,0 +1,126 @@
+"""The ``xrai`` command line: one subcommand per pipeline step.
+
+Every Snakemake rule calls these same entry points (through ``scripts/``), so a
+step runs identically with or without Snakemake. Each step lives in its own
+module, which provides ``add_arguments(parser)`` and ``run(args)``; modules are
+imported only when their subcommand is used, so ``xrai --help`` stays fast.
+
+Usage::
+
+    xrai fetch --config config.yaml --protein 2CEX_A --out results/structures/2CEX_A.cif
+    xrai simulate --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from xrai import __version__
+from xrai.errors import XraiError
+
+logger = logging.getLogger(__name__)
+
+#: subcommand -> (module, add_arguments function, run function, help)
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "fetch": ("xrai.structure", "add_arguments", "run", "fetch a PDB entry, select chains, write mmCIF + summary"),
+    "simulate": ("xrai.simulate", "add_arguments", "run", "simulate an SPI diffraction dataset to HDF5"),
+    "reference": ("xrai.density", "add_arguments", "run", "reference electron density and true intensity volume"),
+    "train": ("xrai.train", "add_arguments", "run", "train a reconstruction (X-RAI, paper recipe, known poses)"),
+    "select-best": ("xrai.train", "add_select_arguments", "run_select", "pick the best of several runs by train pose error"),
+    "emc": ("xrai.baselines.emc", "add_arguments", "run", "non-amortized EMC baseline reconstruction"),
+    "phase": ("xrai.phasing", "add_arguments", "run", "phase an amplitude volume with ER/HIO + shrinkwrap"),
+    "evaluate": ("xrai.evaluate", "add_arguments", "run", "align, FSC and pose errors -> metrics.json"),
+    "table": ("xrai.report", "add_table_arguments", "run_table", "the paper's Table 1 from metrics.json files"),
+    "figures": ("xrai.figures", "add_arguments", "run", "figures for the report"),
+}
+
+
+def setup_logging(log_file: str | None = None, verbose: bool = False) -> None:
+    """Log to stderr, and also to ``log_file`` when given (Snakemake's ``log:``)."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        from pathlib import Path
+
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, mode="a"))
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        handlers=handlers,
+        force=True,
+    )
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only ``command``'s module is imported (all of them for ``--help``)."""
+    parser = argparse.ArgumentParser(prog="xrai", description="X-RAI reconstruction pipeline steps.")
+    parser.add_argument("--version", action="version", version=f"xrai {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, add_fn, run_fn, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--log", metavar="FILE", help="also append log lines to FILE")
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        p.add_argument("--config", metavar="YAML", default="config.yaml",
+                       help="pipeline config (validated against the schema; default: config.yaml)")
+        if command is None or command == name:
+            mod = importlib.import_module(module)
+            getattr(mod, add_fn)(p)
+            p.set_defaults(_run=getattr(mod, run_fn))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand. User errors print one line and return exit code 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if a in COMMANDS), None)
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 1
+    setup_logging(args.log, args.verbose)
+    try:
+        args._run(args)
+    except XraiError as exc:
+        logger.error("%s", exc)
+        print(f"xrai {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"xrai {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def run_from_snakemake(smk: object, command: str, args: Sequence[str]) -> None:
+    """Entry point for ``scripts/*.py``: run ``xrai COMMAND --config <resolved> ARGS`` for a rule.
+
+    The rule's resolved config (Snakemake's merged ``config``) is written to a
+    temporary YAML file so that it goes through the same validation as on the
+    command line; the rule's first ``log:`` file receives the log lines.
+    """
+    import tempfile
+
+    import yaml
+
+    log = list(getattr(smk, "log", []))
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="xrai-config-", delete=False) as fh:
+        yaml.safe_dump(dict(smk.config), fh, sort_keys=False)
+        cfg_path = fh.name
+    try:
+        argv = [command, "--config", cfg_path, *([f"--log={log[0]}"] if log else []), *map(str, args)]
+        code = main(argv)
+    finally:
+        import os
+
+        os.unlink(cfg_path)
+    if code:
+        raise SystemExit(code)

@@ -1,0 +1,114 @@
+"""Atomic file output and run provenance shared by every step.
+
+Every output is written to a temporary name in the destination directory and
+renamed when complete, so a killed job never leaves a half-written file that
+looks finished.
+
+Usage::
+
+    from xrai.io import atomic_path, write_json
+    with atomic_path("results/x.h5") as tmp:
+        write_something(tmp)          # renamed to results/x.h5 only on success
+    write_json("results/summary.json", {"atoms": 2362})
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xrai import __version__
+from xrai.errors import XraiError
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
+
+    The temporary file keeps the destination's suffix (so libraries that look at
+    extensions behave), and is removed if the block raises.
+    """
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{dest.name}.", suffix=(suffix if suffix is not None else dest.suffix) + ".tmp",
+        dir=dest.parent,
+    )
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file, with a clear error naming the file if it is missing or malformed."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise XraiError(f"{p}: file not found") from None
+    except json.JSONDecodeError as exc:
+        raise XraiError(f"{p}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def provenance(config: dict | None = None, seed: int | None = None) -> dict:
+    """Return what made an output: package version, python, torch, host, seed, resolved config."""
+    import torch
+
+    info: dict[str, Any] = {
+        "xrai_version": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "argv": sys.argv,
+    }
+    if seed is not None:
+        info["seed"] = int(seed)
+    if config is not None:
+        info["config"] = config
+    return info
+
+
+def write_run_metadata(out_dir: str | os.PathLike, config: dict, seed: int | None = None) -> None:
+    """Save the resolved config (``config.yaml``) and provenance (``provenance.json``) in ``out_dir``."""
+    import yaml
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "config.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    write_json(out / "provenance.json", provenance(None, seed))

@@ -1,0 +1,64 @@
+"""Small helpers shared by the steps: device choice, CPU threads, seeds, resource use.
+
+Usage::
+
+    from xrai.utils import pick_device, seed_everything, resource_usage
+    device = pick_device("auto")        # cuda if present, else cpu
+    seed_everything(0)
+    print(resource_usage())             # {'rss_mb': ..., 'peak_rss_mb': ..., 'cuda_mb': ...}
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import resource
+
+import numpy as np
+import torch
+
+from xrai.errors import XraiError
+
+logger = logging.getLogger(__name__)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU. Asking for ``cuda`` without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise XraiError("device 'cuda' requested but no CUDA GPU is visible; use device: auto or cpu")
+    return torch.device(name)
+
+
+def set_cpu_threads(n: int = 0) -> int:
+    """Use ``n`` intra-op threads (0: the CPUs this job may use, e.g. Slurm's cpus-per-task)."""
+    if n <= 0:
+        try:
+            n = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            n = os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resource_usage(device: torch.device | None = None) -> dict[str, float]:
+    """Current and peak resident memory of this process (MB), and CUDA memory when on a GPU."""
+    import psutil
+
+    out = {
+        "rss_mb": psutil.Process().memory_info().rss / 2**20,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if device is not None and device.type == "cuda":
+        out["cuda_mb"] = torch.cuda.memory_allocated(device) / 2**20
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out

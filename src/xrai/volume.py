@@ -1,0 +1,101 @@
+"""The Cartesian reciprocal-space grid shared by the simulator, the decoders, EMC and phasing.
+
+Grid convention (FFT-centred, like ``numpy.fft.fftshift``):
+
+* a cubic grid of ``size`` voxels per axis, indexed ``[ix, iy, iz]`` (x, y, z order);
+* voxel ``i`` sits at ``q = (i - size // 2) * dq`` in Angstrom^-1 (no 2*pi factor),
+  so the origin is voxel ``size // 2``;
+* ``dq = q_max / (size // 2 - 1)``, so ``+q_max`` (the detector's corner) lies inside;
+* the matching real-space grid (inverse FFT after ``ifftshift``) has a voxel size of
+  ``1 / (size * dq)`` Angstrom and a box of ``1 / dq`` Angstrom.
+
+Usage::
+
+    import torch
+    from xrai.volume import ReciprocalGrid, sample_volume
+    grid = ReciprocalGrid(size=32, q_max=0.125)
+    vol = torch.rand(32, 32, 32)
+    k = torch.zeros(10, 3)                # Angstrom^-1
+    values = sample_volume(vol, k, grid)  # (10,), trilinear, zero outside the grid
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReciprocalGrid:
+    """A cubic, FFT-centred reciprocal grid of ``size`` voxels reaching at least ``q_max``."""
+
+    size: int
+    q_max: float
+
+    def __post_init__(self) -> None:
+        if self.size < 4:
+            raise ValueError(f"grid size must be >= 4, got {self.size}")
+        if not self.q_max > 0:
+            raise ValueError(f"q_max must be > 0, got {self.q_max}")
+
+    @property
+    def dq(self) -> float:
+        """Reciprocal voxel spacing, Angstrom^-1."""
+        return self.q_max / (self.size // 2 - 1)
+
+    @property
+    def voxel_size(self) -> float:
+        """Real-space voxel size of the matching density grid, Angstrom."""
+        return 1.0 / (self.size * self.dq)
+
+    @property
+    def box_size(self) -> float:
+        """Real-space box edge, Angstrom."""
+        return 1.0 / self.dq
+
+    def axis(self, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> torch.Tensor:
+        """The q values (Angstrom^-1) of the voxels along one axis, shape ``(size,)``."""
+        return (torch.arange(self.size, dtype=dtype, device=device) - self.size // 2) * self.dq
+
+    def coordinates(self, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> torch.Tensor:
+        """All voxel coordinates, shape ``(size, size, size, 3)`` in (x, y, z) order."""
+        ax = self.axis(dtype, device)
+        return torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), dim=-1)
+
+    def radius_index(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """Integer shell index ``round(|q| / dq)`` of every voxel, shape ``(size,)*3``."""
+        c = self.coordinates(device=device)
+        return torch.round(c.norm(dim=-1) / self.dq).long()
+
+    def to_normalized(self, k: torch.Tensor) -> torch.Tensor:
+        """Map coordinates in Angstrom^-1 to grid_sample's [-1, 1] range (align_corners=True), reordered (z, y, x)."""
+        idx = k / self.dq + self.size // 2
+        norm = idx * (2.0 / (self.size - 1)) - 1.0
+        return norm.flip(-1)
+
+
+def sample_volume(volume: torch.Tensor, k: torch.Tensor, grid: ReciprocalGrid) -> torch.Tensor:
+    """Trilinearly interpolate ``volume`` at reciprocal coordinates ``k``.
+
+    ``volume`` is ``(size, size, size)`` or ``(C, size, size, size)``; ``k`` is ``(..., 3)``
+    in Angstrom^-1. Returns ``(...)`` or ``(C, ...)``. Points outside the grid read 0.
+    Differentiable with respect to both the volume and the coordinates.
+    """
+    squeeze = volume.dim() == 3
+    vol = volume[None] if squeeze else volume
+    batch_shape = k.shape[:-1]
+    g = grid.to_normalized(k.reshape(1, 1, 1, -1, 3).to(vol.dtype))
+    out = F.grid_sample(vol[None], g, mode="bilinear", padding_mode="zeros", align_corners=True)
+    out = out.reshape(vol.shape[0], *batch_shape)
+    return out[0] if squeeze else out
+
+
+def radial_shells(grid: ReciprocalGrid, device: torch.device | str | None = None) -> tuple[torch.Tensor, int]:
+    """Shell index per voxel and the number of shells inside the grid's inscribed sphere (for FSC-like curves)."""
+    r = grid.radius_index(device)
+    return r, grid.size // 2

@@ -1,0 +1,64 @@
+# Helpers shared by every rule: config validation, wildcards, output paths.
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+
+from xrai.config import method_runs, protein_entries, size_label, validate_config  # noqa: E402
+from xrai.errors import XraiError  # noqa: E402
+
+try:
+    validate_config(config)
+except XraiError as exc:
+    raise WorkflowError(f"invalid config: {exc}") from None
+
+PROTEINS = list(protein_entries(config))
+TRAIN_SIZES = [int(n) for n in config["simulation"]["train_sizes"]]
+TEST_SIZE = int(config["simulation"]["test_size"])
+METHOD_RUNS = method_runs(config)
+METHODS = list(METHOD_RUNS)
+RES = "results"
+
+
+wildcard_constraints:
+    protein="[A-Za-z0-9][A-Za-z0-9_.-]*",
+    size=r"\d+",
+    split="train|test",
+    method="xrai|xrai-paper|known-pose|emc",
+    run=r"\d+",
+
+
+def rule_resources(rule_name):
+    """Declared resources of a rule, from config['resources'][rule_name]."""
+    res = dict(config.get("resources", {}).get(rule_name, {}))
+    res.setdefault("mem_mb", 2000)
+    res.setdefault("runtime", 30)
+    res.setdefault("gpu", 0)
+    return res
+
+
+def dataset(protein, split, size):
+    return f"{RES}/datasets/{protein}/{split}_{size}.h5"
+
+
+def run_dir(protein, size, method, run):
+    return f"{RES}/reconstructions/{protein}/{size}/{method}/run{run}"
+
+
+def run_outputs(wildcards):
+    """Amplitude volumes of every run of a (protein, size, method)."""
+    n = METHOD_RUNS[wildcards.method]
+    return [
+        f"{run_dir(wildcards.protein, wildcards.size, wildcards.method, k)}/amplitude.mrc"
+        for k in range(n)
+    ]
+
+
+def final_outputs():
+    metrics = expand(
+        f"{RES}/metrics/{{protein}}/{{size}}/{{method}}/metrics.json",
+        protein=PROTEINS,
+        size=TRAIN_SIZES,
+        method=METHODS,
+    )
+    return metrics + [f"{RES}/tables/table1.md", f"{RES}/figures/.done"]
