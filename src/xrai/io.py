@@ -112,3 +112,38 @@ def write_run_metadata(out_dir: str | os.PathLike, config: dict, seed: int | Non
     with atomic_path(out / "config.yaml") as tmp:
         tmp.write_text(yaml.safe_dump(config, sort_keys=False))
     write_json(out / "provenance.json", provenance(None, seed))
+
+
+def write_mrc(path: str | os.PathLike, data: np.ndarray, voxel_size: float) -> None:
+    """Write a 3D array (indexed [x, y, z]) as MRC with ``voxel_size`` (Angstrom) in the header, atomically.
+
+    MRC stores sections along z, so the array is transposed to (z, y, x) on disk
+    and back by :func:`read_mrc`.
+    """
+    import mrcfile
+
+    arr = np.ascontiguousarray(np.asarray(data, dtype=np.float32).transpose(2, 1, 0))
+    with atomic_path(path) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(arr)
+            mrc.voxel_size = float(voxel_size)
+
+
+def read_mrc(path: str | os.PathLike) -> tuple[np.ndarray, float]:
+    """Read an MRC volume written by :func:`write_mrc`: ``(array [x, y, z], voxel_size in Angstrom)``."""
+    import mrcfile
+
+    p = Path(path)
+    if not p.exists():
+        raise XraiError(f"{p}: file not found")
+    try:
+        with mrcfile.open(p, permissive=False) as mrc:
+            data = np.asarray(mrc.data, dtype=np.float32).transpose(2, 1, 0).copy()
+            voxel = float(mrc.voxel_size.x)
+    except ValueError as exc:
+        raise XraiError(f"{p}: not a valid MRC file ({exc})") from None
+    if data.ndim != 3:
+        raise XraiError(f"{p}: expected a 3D volume, got shape {data.shape}")
+    if not np.isfinite(data).all():
+        raise XraiError(f"{p}: volume contains NaN or infinite values")
+    return data, voxel

@@ -99,3 +99,54 @@ def radial_shells(grid: ReciprocalGrid, device: torch.device | str | None = None
     """Shell index per voxel and the number of shells inside the grid's inscribed sphere (for FSC-like curves)."""
     r = grid.radius_index(device)
     return r, grid.size // 2
+
+
+def write_volume_h5(path: str, grid: ReciprocalGrid, provenance: dict | None = None, **arrays) -> None:
+    """Write reciprocal-space volumes (e.g. ``intensity=..., amplitude=...``) with their grid, atomically.
+
+    The file holds one dataset per keyword (float32, ``(size,)*3``, indexed [x, y, z])
+    and attrs ``grid_size``, ``q_max``, ``dq`` (Angstrom^-1), ``voxel_size`` (Angstrom, real space)
+    and ``provenance`` (JSON).
+    """
+    import json
+
+    import h5py
+    import numpy as np
+
+    from xrai.io import atomic_path
+
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for name, arr in arrays.items():
+            a = arr.detach().cpu().numpy() if isinstance(arr, torch.Tensor) else np.asarray(arr)
+            if a.shape != (grid.size,) * 3:
+                raise ValueError(f"volume '{name}' has shape {a.shape}, expected {(grid.size,) * 3}")
+            f.create_dataset(name, data=a.astype(np.float32))
+        f.attrs.update(grid_size=grid.size, q_max=grid.q_max, dq=grid.dq, voxel_size=grid.voxel_size)
+        if provenance is not None:
+            f.attrs["provenance"] = json.dumps(provenance, default=str)
+
+
+def read_volume_h5(path: str, name: str = "intensity") -> tuple[torch.Tensor, ReciprocalGrid]:
+    """Read one volume written by :func:`write_volume_h5`: ``(tensor float32, grid)``. Clear errors for bad files."""
+    from pathlib import Path
+
+    import h5py
+
+    from xrai.errors import XraiError
+
+    p = Path(path)
+    if not p.exists():
+        raise XraiError(f"{p}: file not found")
+    try:
+        with h5py.File(p, "r") as f:
+            if name not in f:
+                raise XraiError(f"{p}: no dataset '{name}' (has {sorted(f.keys())})")
+            data = torch.from_numpy(f[name][...]).float()
+            grid = ReciprocalGrid(int(f.attrs["grid_size"]), float(f.attrs["q_max"]))
+    except OSError as exc:
+        raise XraiError(f"{p}: not a readable HDF5 file ({exc})") from None
+    except KeyError as exc:
+        raise XraiError(f"{p}: missing grid attribute {exc}") from None
+    if not torch.isfinite(data).all():
+        raise XraiError(f"{p}: volume '{name}' contains NaN or infinite values")
+    return data, grid

@@ -46,10 +46,10 @@ def run_dir(protein, size, method, run):
 
 
 def run_outputs(wildcards):
-    """Amplitude volumes of every run of a (protein, size, method)."""
+    """Volumes (intensity.h5) of every run of a (protein, size, method)."""
     n = METHOD_RUNS[wildcards.method]
     return [
-        f"{run_dir(wildcards.protein, wildcards.size, wildcards.method, k)}/amplitude.mrc"
+        f"{run_dir(wildcards.protein, wildcards.size, wildcards.method, k)}/intensity.h5"
         for k in range(n)
     ]
 

@@ -4,6 +4,7 @@ rule train:
         train=dataset("{protein}", "train", "{size}"),
         test=dataset("{protein}", "test", TEST_SIZE),
     output:
+        intensity=f"{RES}/reconstructions/{{protein}}/{{size}}/{{method}}/run{{run}}/intensity.h5",
         amplitude=f"{RES}/reconstructions/{{protein}}/{{size}}/{{method}}/run{{run}}/amplitude.mrc",
         poses_train=f"{RES}/reconstructions/{{protein}}/{{size}}/{{method}}/run{{run}}/poses_train.h5",
         poses_test=f"{RES}/reconstructions/{{protein}}/{{size}}/{{method}}/run{{run}}/poses_test.h5",
@@ -28,6 +29,7 @@ rule emc:
         train=dataset("{protein}", "train", "{size}"),
         test=dataset("{protein}", "test", TEST_SIZE),
     output:
+        intensity=f"{RES}/reconstructions/{{protein}}/{{size}}/emc/run{{run}}/intensity.h5",
         amplitude=f"{RES}/reconstructions/{{protein}}/{{size}}/emc/run{{run}}/amplitude.mrc",
         poses_train=f"{RES}/reconstructions/{{protein}}/{{size}}/emc/run{{run}}/poses_train.h5",
         poses_test=f"{RES}/reconstructions/{{protein}}/{{size}}/emc/run{{run}}/poses_test.h5",
