@@ -56,6 +56,14 @@ def setup_logging(log_file: str | None = None, verbose: bool = False) -> None:
     )
 
 
+def _log_to_files(message: str) -> None:
+    """Record an error in the log files only; the terminal gets exactly one line from main()."""
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.emit(record)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser; only ``command``'s module is imported (all of them for ``--help``)."""
     parser = argparse.ArgumentParser(prog="xrai", description="X-RAI reconstruction pipeline steps.")
@@ -87,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args._run(args)
     except XraiError as exc:
-        logger.error("%s", exc)
+        _log_to_files(f"xrai {args.command}: error: {exc}")
         print(f"xrai {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

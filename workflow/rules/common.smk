@@ -61,4 +61,6 @@ def final_outputs():
         size=TRAIN_SIZES,
         method=METHODS,
     )
-    return metrics + [f"{RES}/tables/table1.md", f"{RES}/figures/.done"]
+    figures = expand(f"{RES}/figures/{{protein}}/densities.png", protein=PROTEINS)
+    figures += expand(f"{RES}/figures/{{protein}}/{{size}}/images.png", protein=PROTEINS, size=TRAIN_SIZES)
+    return metrics + [f"{RES}/tables/table1.md"] + figures

@@ -25,22 +25,77 @@ rule table:
         "../../scripts/table.py"
 
 
-rule figures:
-    """Figures for the report: densities and FSC, training curves, pose errors, images vs. decoder."""
+rule figures_protein:
+    """Per protein: densities beside the reference, FSC curves, training curves, pose-error histograms."""
     input:
-        metrics=expand(
-            f"{RES}/metrics/{{protein}}/{{size}}/{{method}}/metrics.json",
-            protein=PROTEINS,
+        metrics=lambda wc: expand(
+            f"{RES}/metrics/{wc.protein}/{{size}}/{{method}}/metrics.json",
             size=TRAIN_SIZES,
             method=METHODS,
         ),
+        reference=f"{RES}/reference/{{protein}}/density.mrc",
     output:
-        done=f"{RES}/figures/.done",
+        densities=report(
+            f"{RES}/figures/{{protein}}/densities.png",
+            caption="../report/densities.rst",
+            category="{protein}",
+            subcategory="All sizes",
+        ),
+        fsc=report(
+            f"{RES}/figures/{{protein}}/fsc.png",
+            caption="../report/fsc.rst",
+            category="{protein}",
+            subcategory="All sizes",
+        ),
+        curves=report(
+            f"{RES}/figures/{{protein}}/training_curves.png",
+            caption="../report/training_curves.rst",
+            category="{protein}",
+            subcategory="All sizes",
+        ),
+        poses=report(
+            f"{RES}/figures/{{protein}}/pose_errors.png",
+            caption="../report/pose_errors.rst",
+            category="{protein}",
+            subcategory="All sizes",
+        ),
+        pdfs=multiext(
+            f"{RES}/figures/{{protein}}/",
+            "densities.pdf",
+            "fsc.pdf",
+            "training_curves.pdf",
+            "pose_errors.pdf",
+        ),
     log:
-        f"{RES}/logs/figures.log",
+        f"{RES}/logs/figures/{{protein}}.log",
     conda:
         "../../envs/xrai.yaml"
     resources:
         **rule_resources("report"),
     script:
         "../../scripts/figures.py"
+
+
+rule figures_images:
+    """Per protein and size: input images beside the decoder's output for the predicted pose (Figure 1)."""
+    input:
+        metrics=lambda wc: expand(
+            f"{RES}/metrics/{wc.protein}/{wc.size}/{{method}}/metrics.json",
+            method=METHODS,
+        ),
+    output:
+        png=report(
+            f"{RES}/figures/{{protein}}/{{size}}/images.png",
+            caption="../report/images.rst",
+            category="{protein}",
+            subcategory="Train size {size}",
+        ),
+        pdf=f"{RES}/figures/{{protein}}/{{size}}/images.pdf",
+    log:
+        f"{RES}/logs/figures/{{protein}}_{{size}}_images.log",
+    conda:
+        "../../envs/xrai.yaml"
+    resources:
+        **rule_resources("report"),
+    script:
+        "../../scripts/figures_images.py"
