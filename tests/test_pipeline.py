@@ -1,0 +1,113 @@
+"""The whole pipeline through Snakemake, as a user runs it: dry-runs, lint, and the test scale end to end."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def snakemake(*args: str, cwd: Path | None = None, timeout: int = 1500, env: dict | None = None):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), *args]
+    return subprocess.run(cmd, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def job_counts(output: str) -> dict[str, int]:
+    stats = output[output.index("Job stats:"):]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)}
+
+
+def test_lint_is_clean():
+    res = snakemake("--lint")
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_dry_run_paper_config_lists_every_job(tmp_path):
+    res = snakemake("-n", "--directory", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    counts = job_counts(res.stdout)
+    # 2 proteins x (3 train sets + 1 test set); 2 x 3 x (5 X-RAI runs + 1 known-pose run)
+    assert counts["simulate"] == 8
+    assert counts["train"] == 36
+    assert counts["evaluate"] == counts["phase"] == 12
+    assert counts["table"] == 1
+    for n in (50000, 500000, 5000000):
+        assert f"results/datasets/2CEX_A/train_{n}.h5" in res.stdout
+        assert f"results/datasets/1O9K/train_{n}.h5" in res.stdout
+    assert "results/datasets/2CEX_A/test_10000.h5" in res.stdout
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory, pdb_mirror):
+    """Run the whole pipeline at the test scale once, then build the HTML report."""
+    work = tmp_path_factory.mktemp("pipeline")
+    env = {"XRAI_PDB_MIRROR": str(pdb_mirror)}
+    res = snakemake("--cores", "2", "--configfile", str(REPO / "config/test.yaml"), "--directory", str(work),
+                    env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    rep = snakemake("--cores", "1", "--configfile", str(REPO / "config/test.yaml"), "--directory", str(work),
+                    "--report", str(work / "results/report.html"), env=env, timeout=600)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    return work
+
+
+@pytest.mark.slow
+def test_pipeline_produces_table_figures_and_report(pipeline_dir):
+    import matplotlib.image
+
+    res = pipeline_dir / "results"
+    md = (res / "tables/table1.md").read_text()
+    assert "2CEX_A (Train: 2048)" in md
+    assert "| X-RAI |" in md and "Known poses (bound)" in md
+    assert (res / "tables/table1.csv").read_text().count("\n") == 3  # header + 2 methods
+    assert r"\begin{tabular}" in (res / "tables/table1.tex").read_text()
+    for name in ("densities", "fsc", "training_curves", "pose_errors"):
+        img = matplotlib.image.imread(res / f"figures/2CEX_A/{name}.png")
+        assert img.shape[0] > 200 and img.shape[1] > 200 and img.std() > 0.01, name
+        assert (res / f"figures/2CEX_A/{name}.pdf").stat().st_size > 1000
+    assert matplotlib.image.imread(res / "figures/2CEX_A/2048/images.png").std() > 0.01
+    html = (res / "report.html").read_text(errors="replace")
+    assert len(html) > 100_000 and "table1.md" in html and "densities.png" in html
+
+
+@pytest.mark.slow
+def test_second_run_has_nothing_to_do(pipeline_dir, pdb_mirror):
+    res = snakemake("-n", "--configfile", str(REPO / "config/test.yaml"), "--directory", str(pipeline_dir),
+                    env={"XRAI_PDB_MIRROR": str(pdb_mirror)})
+    assert res.returncode == 0
+    assert "Nothing to be done" in res.stdout + res.stderr
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(pipeline_dir):
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed in CI (.ci/run installs it)")
+        pytest.skip("chromium not installed: apt-get install chromium")
+    report = pipeline_dir / "results/report.html"
+    artifacts = REPO / ".test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shot = artifacts / "report.png"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run",
+             f"--user-data-dir={pipeline_dir / 'chromium-profile'}", "--virtual-time-budget=15000"]
+    dom = subprocess.run([browser, *flags, "--dump-dom", report.as_uri()], capture_output=True, text=True,
+                         timeout=180)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "Table 1" in dom.stdout, "the rendered report does not show the Table 1 category"
+    subprocess.run([browser, *flags, "--window-size=1400,1000", f"--screenshot={shot}", report.as_uri()],
+                   capture_output=True, timeout=180, check=True)
+    assert shot.stat().st_size > 10_000
