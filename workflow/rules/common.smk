@@ -37,6 +37,12 @@ def rule_resources(rule_name):
     return res
 
 
+def rule_threads(rule_name):
+    """CPU threads of a heavy rule: its cpus_per_task, capped by the cores given to Snakemake."""
+    want = int(config.get("resources", {}).get(rule_name, {}).get("cpus_per_task", 2))
+    return min(want, workflow.cores) if isinstance(workflow.cores, int) else want
+
+
 def dataset(protein, split, size):
     return f"{RES}/datasets/{protein}/{split}_{size}.h5"
 

@@ -16,6 +16,7 @@ rule evaluate:
         f"{RES}/benchmarks/evaluate/{{protein}}/{{size}}/{{method}}.tsv"
     conda:
         "../../envs/xrai.yaml"
+    threads: rule_threads("evaluate")
     resources:
         **rule_resources("evaluate"),
     script:

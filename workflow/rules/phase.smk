@@ -12,6 +12,7 @@ rule phase:
         f"{RES}/benchmarks/phase/{{protein}}/{{size}}/{{method}}.tsv"
     conda:
         "../../envs/xrai.yaml"
+    threads: rule_threads("phase")
     resources:
         **rule_resources("phase"),
     script:

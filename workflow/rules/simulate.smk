@@ -10,6 +10,7 @@ rule simulate:
         f"{RES}/benchmarks/simulate/{{protein}}/{{split}}_{{size}}.tsv"
     conda:
         "../../envs/xrai.yaml"
+    threads: rule_threads("simulate")
     resources:
         **rule_resources("simulate"),
     script:
@@ -27,6 +28,7 @@ rule reference:
         f"{RES}/logs/reference/{{protein}}.log",
     conda:
         "../../envs/xrai.yaml"
+    threads: rule_threads("reference")
     resources:
         **rule_resources("reference"),
     script:

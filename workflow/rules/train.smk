@@ -17,6 +17,7 @@ rule train:
         method="xrai|xrai-paper|known-pose",
     conda:
         "../../envs/xrai.yaml"
+    threads: rule_threads("train")
     resources:
         **rule_resources("train"),
     script:
@@ -40,6 +41,7 @@ rule emc:
         f"{RES}/benchmarks/train/{{protein}}/{{size}}/emc/run{{run}}.tsv"
     conda:
         "../../envs/xrai.yaml"
+    threads: rule_threads("train")
     resources:
         **rule_resources("train"),
     script:
