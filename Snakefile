@@ -2,7 +2,12 @@
 #   snakemake --cores 2 --configfile config/demo.yaml     (laptop demo)
 #   snakemake --profile slurm                             (the paper, on a cluster)
 
-configfile: "config.yaml"
+# The paper's setup, unless --configfile names another scale (merging it into config.yaml would
+# leave paper-scale keys behind).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
+
 
 
 report: "workflow/report/workflow.rst"

@@ -77,6 +77,9 @@ DEFAULT_STRUCTURE_CONFIG: dict[str, Any] = {
 
 _CIF_SUFFIXES = (".cif", ".mmcif")
 _PDB_SUFFIXES = (".pdb", ".ent")
+#: force-field names of standard amino acids (CHARMM, Amber protonation states)
+_FORCE_FIELD_RESIDUES = frozenset(
+    {"HSD", "HSE", "HSP", "HID", "HIE", "HIP", "CYX", "CYM", "ASH", "GLH", "LYN"})
 
 
 # --------------------------------------------------------------------------- specs
@@ -238,7 +241,8 @@ def download_pdb(pdb_id: str, structure_cfg: dict | None) -> Path:
 def resolve_structure_source(spec: dict, structure_cfg: dict | None) -> Path:
     """The coordinate file for ``spec``: the local file, else the mirror, else the (cached) download.
 
-    >>> resolve_structure_source({"file": "x.pdb"}, {})      # relative to the current directory
+    >>> resolve_structure_source({"pdb": "2CEX", "chains": ["A"]}, cfg["structure"])
+    PosixPath('/data/pdb/2cex.pdb')
     """
     if spec.get("file"):
         path = Path(spec["file"]).expanduser()
@@ -283,6 +287,8 @@ def _parse_bytes(data: bytes, name: str, origin: str | None = None) -> gemmi.Str
             st = gemmi.make_structure_from_block(doc[0])
         else:
             st = gemmi.read_pdb_string(text)
+            if not re.search(r"^(ATOM  |HETATM).{70}[ A-Za-z][A-Za-z]", text, re.MULTILINE):
+                _elements_from_atom_names(st)
     except (ValueError, RuntimeError) as exc:
         kind = "mmCIF" if is_cif else "PDB"
         raise XraiError(f"{label}: malformed {kind} file ({str(exc).splitlines()[0]})") from None
@@ -290,6 +296,27 @@ def _parse_bytes(data: bytes, name: str, origin: str | None = None) -> gemmi.Str
         raise XraiError(f"{label}: no atoms found (empty or not a PDB/mmCIF coordinate file)")
     st.merge_chain_parts()  # PDB files may split a chain at TER (e.g. its waters); rejoin them
     return st
+
+
+def _elements_from_atom_names(st: gemmi.Structure) -> None:
+    """Set elements of standard residues from atom names, for PDB files without the element column.
+
+    gemmi then guesses from columns 13-14, which misreads files whose atom names are not
+    aligned to the standard (CHARMM-style "CA  " becomes calcium). In standard amino acids
+    and nucleotides every element is one letter: the first letter of the atom name. The same
+    holds for the protonation-state names of force fields (CHARMM ``HSD``, Amber ``HIE``, ...).
+    """
+    for model in st:
+        for chain in model:
+            for residue in chain:
+                info = gemmi.find_tabulated_residue(residue.name)
+                standard = info is not None and info.is_standard()
+                if not standard and residue.name not in _FORCE_FIELD_RESIDUES:
+                    continue
+                for atom in residue:
+                    letter = next((c for c in atom.name if c.isalpha()), "")
+                    if letter:
+                        atom.element = gemmi.Element(letter)
 
 
 def read_structure_file(path: str | os.PathLike) -> gemmi.Structure:
@@ -359,6 +386,10 @@ def select_atoms(
         step("hetero", lambda: _remove_residues(st, lambda r: r.entity_type not in keep_types))
     step("alternate_conformations", st.remove_alternative_conformations)
     st.remove_empty_chains()
+    unknown = [f"{r.name}{r.seqid.num}/{a.name}" for ch in st[0] for r in ch for a in r if a.element.name == "X"]
+    if unknown:
+        raise XraiError(f"{label}: {len(unknown)} atoms have no known element (first: {unknown[0]}); "
+                        "add the element symbols (PDB columns 77-78)")
     if _atom_count(st) == 0:
         kept = ", ".join(chains) if chains else "all"
         raise XraiError(
