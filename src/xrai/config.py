@@ -83,7 +83,7 @@ def _describe(error: Any) -> str:
         return f"config key '{key}': {error.message}"
     if error.validator == "oneOf" and key.startswith("proteins"):
         return (f"config key '{key}': {error.instance!r} is not a protein spec; expected a PDB id with "
-                "optional chain like '2CEX_A', {name, pdb, chains} or {name, file}")
+                "optional chain like '2CEX_A', {name, pdb[, chains]} or {name, file[, chains]}")
     desc = sch.get("description")
     return f"config key '{key}': {error.message}" + (f" ({desc})" if desc else "")
 

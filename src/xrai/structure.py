@@ -37,6 +37,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import http.client
 import logging
@@ -62,18 +63,6 @@ logger = logging.getLogger(__name__)
 MIRROR_ENV = "XRAI_PDB_MIRROR"
 PDB_ID_PATTERN = re.compile(r"^[0-9][A-Za-z0-9]{3}$")
 PROTEIN_NAME_PATTERN = re.compile(r"^[0-9][A-Za-z0-9]{3}(_[A-Za-z0-9]+)?$")
-
-#: structure-config defaults, the same as in workflow/schemas/config.schema.yaml
-DEFAULT_STRUCTURE_CONFIG: dict[str, Any] = {
-    "mirror": None,
-    "cache_dir": "~/.cache/xrai/pdb",
-    "download_url": "https://files.rcsb.org/download/{id}.cif",
-    "timeout_s": 30,
-    "retries": 3,
-    "keep_waters": False,
-    "keep_hydrogens": False,
-    "keep_hetero": False,
-}
 
 _CIF_SUFFIXES = (".cif", ".mmcif")
 _PDB_SUFFIXES = (".pdb", ".ent")
@@ -104,8 +93,17 @@ def protein_spec(cfg: dict, name: str) -> dict:
     return dict(protein_entries({"proteins": [name]})[name])
 
 
+@functools.lru_cache(maxsize=1)
+def _structure_defaults() -> dict[str, Any]:
+    from xrai.config import load_schema
+
+    keys = load_schema()["properties"]["structure"]["properties"]
+    return {key: sub["default"] for key, sub in keys.items() if "default" in sub}
+
+
 def _structure_config(structure_cfg: dict | None) -> dict:
-    return {**DEFAULT_STRUCTURE_CONFIG, **(structure_cfg or {})}
+    """``structure_cfg`` with the schema's defaults for missing keys (callers may pass a partial dict)."""
+    return {**_structure_defaults(), **(structure_cfg or {})}
 
 
 # --------------------------------------------------------------------------- sources
@@ -228,7 +226,8 @@ def download_pdb(pdb_id: str, structure_cfg: dict | None) -> Path:
             last_reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     else:
         raise XraiError(
-            f"cannot download PDB id '{pdb_id}' from {url} after {attempts} tries ({last_reason}); "
+            f"cannot download PDB id '{pdb_id}' from {url} after {attempts} "
+            f"{'try' if attempts == 1 else 'tries'} ({last_reason}); "
             f"without network, set {MIRROR_ENV} to a directory holding {pdb_id.lower()}.pdb or "
             f"{pdb_id.lower()}.cif")
     _parse_bytes(data, dest.name, origin=url)  # raises XraiError on an empty or malformed file
@@ -291,10 +290,12 @@ def _parse_bytes(data: bytes, name: str, origin: str | None = None) -> gemmi.Str
                 _elements_from_atom_names(st)
     except (ValueError, RuntimeError) as exc:
         kind = "mmCIF" if is_cif else "PDB"
-        raise XraiError(f"{label}: malformed {kind} file ({str(exc).splitlines()[0]})") from None
+        detail = re.sub(r"^string:", "line ", str(exc).splitlines()[0])  # gemmi names the text "string"
+        raise XraiError(f"{label}: malformed {kind} file ({detail})") from None
     if len(st) == 0 or st[0].count_atom_sites() == 0:
         raise XraiError(f"{label}: no atoms found (empty or not a PDB/mmCIF coordinate file)")
     st.merge_chain_parts()  # PDB files may split a chain at TER (e.g. its waters); rejoin them
+    st.name = st.info["_entry.id"] if "_entry.id" in st.info else ""  # the PDB id of the header, if any
     return st
 
 
@@ -509,8 +510,8 @@ def fetch_structure(
     chains = spec.get("chains") or None
     removed = select_atoms(st, chains, bool(cfg["keep_waters"]), bool(cfg["keep_hydrogens"]),
                            bool(cfg["keep_hetero"]), label=str(source))
-    pdb_id = spec.get("pdb") or (st.name or None)
-    st.name = pdb_id or Path(source).name.split(".")[0]
+    pdb_id = spec.get("pdb") or st.name or None
+    st.name = pdb_id or name or Path(source).name.split(".")[0]
     with atomic_path(out_cif) as tmp:
         st.make_mmcif_document().write_file(str(tmp))
     summary: dict[str, Any] = {

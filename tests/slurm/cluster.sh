@@ -73,8 +73,9 @@ SchedulerType=sched/backfill
 MpiDefault=none
 SwitchType=switch/none
 ReturnToService=2
-# Finished jobs stay visible to squeue for 5 minutes: Snakemake's status checks must see them.
-MinJobAge=300
+# Finished jobs stay visible to squeue for an hour: Snakemake's status checks must see them
+# (3 x slurm-init-seconds-before-status-checks at least), and the tests check them afterwards.
+MinJobAge=3600
 # Time limit or scancel: SIGTERM, then SIGKILL after KillWait seconds (training checkpoints meanwhile).
 KillWait=15
 GresTypes=gpu

@@ -40,7 +40,9 @@ def rule_resources(rule_name):
 def rule_threads(rule_name):
     """CPU threads of a heavy rule: its cpus_per_task, capped by the cores given to Snakemake."""
     want = int(config.get("resources", {}).get(rule_name, {}).get("cpus_per_task", 2))
-    return min(want, workflow.cores) if isinstance(workflow.cores, int) else want
+    # workflow.cores raises when no --cores is given (--profile slurm): jobs get cpus_per_task there.
+    cores = workflow._cores
+    return min(want, cores) if isinstance(cores, int) else want
 
 
 def dataset(protein, split, size):

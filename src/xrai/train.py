@@ -1,0 +1,698 @@
+"""Training of the amortized reconstruction (``xrai train``) and best-run selection (``xrai select-best``).
+
+One loop serves every method; what differs between methods is a :class:`Recipe`:
+
+* ``xrai-paper``: the X-RAI paper (sections 2.1-2.2, appendix A.1): VGG encoder + FourierNet,
+  symmetrized L2 loss (equation 4), Adam (amsgrad), lr ``train.lr``, batch ``train.batch_size``;
+* ``known-pose``: the same decoder, with the encoder replaced by the true rotations
+  (the upper bound on volume quality and the decoder's sanity check);
+* ``xrai``: the project's default recipe. Until the faster-converging recipe lands it is
+  the paper's; to change it, register another :class:`Recipe` subclass in :data:`RECIPES`.
+
+The loop trains a fixed number of steps ``train.steps`` whatever the dataset size (as many
+passes as needed), streaming shuffled batches from :class:`xrai.dataset.DiffractionDataset`
+(memory stays flat). ``checkpoint.pt`` is written atomically every ``train.checkpoint_every``
+steps and when SIGTERM / SIGINT arrives (Slurm's time limit, preemption, Ctrl-C): the job
+then exits with status 128 + signal, and rerunning the same command resumes from the
+checkpoint to the same final step, bit for bit on the CPU. The other outputs are written
+once, atomically, at the end (docs/architecture.md, "Files").
+
+Usage::
+
+    xrai train --config config/test.yaml --method known-pose --run 0 \\
+        --train-data results/datasets/2CEX_A/train_2048.h5 \\
+        --test-data results/datasets/2CEX_A/test_512.h5 \\
+        --out-dir results/reconstructions/2CEX_A/2048/known-pose/run0
+    xrai select-best --config config/test.yaml --run-dirs run0 run1 --out best.json
+
+or from Python::
+
+    from xrai.config import load_config
+    from xrai.train import train
+    train(load_config("config/test.yaml"), "xrai-paper", 0, "train.h5", "test.h5", "out/run0")
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from xrai.errors import XraiError
+from xrai.losses import SymmetrizedLoss, plain_l2, symmetrized_l2
+from xrai.models import Autoencoder, FourierNet, VGGEncoder
+from xrai.rotations import quaternion_to_matrix
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+#: images read to set the decoder's output unit (mean amplitude) before the first step
+SCALE_IMAGES = 1024
+#: columns of metrics.csv; the test_* ones are filled every train.eval_every steps
+METRIC_COLUMNS = (
+    "step", "epoch", "loss", "lr", "images_per_s", "rss_mb", "wall_s",
+    "test_loss", "test_pose_median_deg", "test_pose_mse_deg2", "test_pose_frac_within_5",
+)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class Batch:
+    """One batch on the training device: ``amplitude`` (B, H, W) = sqrt(I), true rotations (B, 3, 3), ``index``.
+
+    ``I`` is the recorded image divided by the per-image ``scale`` the simulator applied
+    to reach its minimum total intensity (when the file stores it), so that every image
+    is a slice of one and the same intensity volume.
+    """
+
+    def __init__(self, raw: dict[str, torch.Tensor], device: torch.device) -> None:
+        images = raw["images"].to(device, non_blocking=True)
+        if "scale" in raw:
+            images = images / raw["scale"].to(device)[:, None, None]
+        self.amplitude = images.clamp_min(0).sqrt()
+        self.rotations = quaternion_to_matrix(raw["orientations"].to(device).double()).float()
+        self.index = raw["index"]
+
+    def __len__(self) -> int:
+        return self.amplitude.shape[0]
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+class Recipe:
+    """How one method trains. Subclass and register in :data:`RECIPES` to add a method.
+
+    The loop calls, in order: :meth:`build_model`, :meth:`build_optimizer`, :meth:`prepare`
+    (fresh start only; its effects must live in the model's buffers or :meth:`state_dict`,
+    which the checkpoint saves), then :meth:`training_step` per step, :meth:`infer` for
+    evaluation and the pose files, and :meth:`decoder` to sample the volume.
+    """
+
+    name = "base"
+    #: False: the poses are the true ones (poses files say ``source = "ground_truth"``)
+    learns_poses = True
+
+    def __init__(self, cfg: dict) -> None:
+        self.cfg = cfg
+        self.tcfg = cfg["train"]
+
+    # -- model
+    def build_decoder(self, q_max: float) -> FourierNet:
+        d = self.tcfg.get("decoder", {})
+        return FourierNet(
+            q_max, width=int(d.get("width", 256)), envelope_layers=int(d.get("envelope_layers", 3)),
+            modulant_layers=int(d.get("modulant_layers", 2)), omega0_envelope=float(d.get("omega0_envelope", 30)),
+            omega0_modulant=float(d.get("omega0_modulant", 40)))
+
+    def build_encoder(self, image_shape: tuple[int, int]) -> nn.Module | None:
+        e = self.tcfg.get("encoder", {})
+        return VGGEncoder(
+            image_shape, channels=e.get("channels", [64, 128, 256, 256, 256]), mlp=e.get("mlp", [512, 256]),
+            num_octaves=int(e.get("num_octaves", 4)), kernel_size=int(e.get("kernel_size", 11)))
+
+    def build_model(self, ewald: torch.Tensor) -> Autoencoder:
+        """The autoencoder for the detector's Ewald coordinates ``ewald`` (H, W, 3), Angstrom^-1."""
+        q_max = float(ewald.norm(dim=-1).max())
+        return Autoencoder(self.build_decoder(q_max), ewald, encoder=self.build_encoder(tuple(ewald.shape[:2])))
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """Adam with amsgrad at ``train.lr`` (the paper's optimizer)."""
+        return torch.optim.Adam(model.parameters(), lr=float(self.tcfg["lr"]), amsgrad=True)
+
+    @torch.no_grad()
+    def prepare(self, model: Autoencoder, dataset: Any, device: torch.device) -> None:
+        """Data-dependent set-up before step 0: the decoder's output unit = the data's mean amplitude."""
+        raw = dataset.read(0, min(len(dataset), SCALE_IMAGES))
+        amp = Batch(raw, device).amplitude
+        model.decoder.scale.fill_(float(amp.mean().clamp_min(1e-12)))
+        logger.info("decoder output unit: mean amplitude %.4g (from %d images)", float(model.decoder.scale), len(amp))
+
+    # -- per step
+    def loss(self, model: Autoencoder, batch: Batch, step: int) -> SymmetrizedLoss:
+        """The training loss of a batch (equation 4: symmetrized L2 through the whole autoencoder)."""
+        return symmetrized_l2(model, batch.amplitude, weights=None)
+
+    def training_step(self, model: Autoencoder, optimizer: torch.optim.Optimizer, batch: Batch, step: int) -> dict:
+        """One gradient step; returns scalars for the log (at least ``loss``)."""
+        optimizer.zero_grad(set_to_none=True)
+        out = self.loss(model, batch, step)
+        # normalised units: the loss is in (amplitude / scale)^2, independent of the photon count
+        loss = out.loss / model.decoder.scale**2
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), float(self.tcfg.get("grad_clip", 1.0)))
+        optimizer.step()
+        return {"loss": float(loss.detach())}
+
+    # -- inference
+    @torch.no_grad()
+    def infer(self, model: Autoencoder, batch: Batch) -> SymmetrizedLoss:
+        """Poses (corrected by the winning branch) and per-image loss, in eval mode."""
+        return symmetrized_l2(model, batch.amplitude)
+
+    def state_dict(self) -> dict:
+        """Extra recipe state to checkpoint (none here)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class PaperRecipe(Recipe):
+    """The X-RAI paper's recipe: VGG encoder, FourierNet, symmetrized L2, Adam(amsgrad) at ``train.lr``."""
+
+    name = "xrai-paper"
+
+
+class KnownPoseRecipe(Recipe):
+    """The same decoder and loop with the encoder replaced by the true rotations (plain L2: the pose is known)."""
+
+    name = "known-pose"
+    learns_poses = False
+
+    def build_encoder(self, image_shape: tuple[int, int]) -> nn.Module | None:
+        return None
+
+    def loss(self, model: Autoencoder, batch: Batch, step: int) -> SymmetrizedLoss:
+        return plain_l2(lambda amp: model(amp, batch.rotations), batch.amplitude)
+
+    @torch.no_grad()
+    def infer(self, model: Autoencoder, batch: Batch) -> SymmetrizedLoss:
+        return plain_l2(lambda amp: model(amp, batch.rotations), batch.amplitude)
+
+
+#: method name -> recipe class: the one dispatch point for ``xrai train --method``
+RECIPES: dict[str, type[Recipe]] = {
+    "xrai-paper": PaperRecipe,
+    "known-pose": KnownPoseRecipe,
+    "xrai": PaperRecipe,
+}
+
+
+def get_recipe(method: str, cfg: dict) -> Recipe:
+    """Instantiate the recipe of ``method`` (XraiError naming the allowed ones otherwise)."""
+    try:
+        return RECIPES[method](cfg)
+    except KeyError:
+        raise XraiError(f"unknown training method '{method}'; expected one of {sorted(RECIPES)}") from None
+
+
+# --------------------------------------------------------------------------- signals
+
+
+class StopRequest:
+    """Signal handler that records SIGTERM / SIGINT; the loop checkpoints at the end of the step and exits.
+
+    A second SIGINT (Ctrl-C twice) interrupts at once.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning("received %s: will checkpoint after the current step and exit", signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        """Install for SIGTERM and SIGINT (main thread only), restore the previous handlers afterwards."""
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[sig] = signal.signal(sig, self)
+            except ValueError:  # not the main thread: signals stay with their owner
+                pass
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+class TrainingInterrupted(SystemExit):
+    """Raised after the checkpoint is written on SIGTERM / SIGINT; exit status 128 + signal number."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+        self.step = step
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def rng_state() -> dict:
+    """The RNG states of torch (CPU and CUDA), numpy and python."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write a checkpoint atomically (a kill during the write leaves the previous one intact)."""
+    from xrai.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint` (our own file: full unpickling)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated / foreign file
+        raise XraiError(f"{path}: not a readable xrai checkpoint ({exc}); delete it to start afresh") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise XraiError(f"{path}: not an xrai checkpoint of format {CHECKPOINT_FORMAT}; delete it to start afresh")
+    return state
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A tqdm bar on a terminal; plain log lines every ``log_every`` steps otherwise (Slurm logs)."""
+
+    def __init__(self, total: int, start: int, log_every: int, device: torch.device) -> None:
+        self.total, self.log_every, self.device = total, log_every, device
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, step: int, row: dict | None, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3e}", refresh=False)
+            if row is not None and row.get("test_pose_median_deg") not in (None, ""):
+                self.bar.write(f"step {step}: test pose median {row['test_pose_median_deg']:.2f} deg")
+            return
+        if row is not None and (step % self.log_every == 0 or step == self.total or row.get("test_loss") != ""):
+            from xrai.utils import resource_usage
+
+            use = resource_usage(self.device)
+            eta = (self.total - step) / max(row["images_per_s"], 1e-9) * row.get("_batch", 1)
+            extra = ""
+            if row.get("test_pose_median_deg") not in (None, ""):
+                extra = f" | test pose median {row['test_pose_median_deg']:.2f} deg"
+            elif row.get("test_loss") not in (None, ""):
+                extra = f" | test loss {row['test_loss']:.4g}"
+            logger.info("step %d/%d (%.0f%%) loss %.4g lr %.2g | %.0f img/s | rss %.0f MB (peak %.0f)%s | eta %s%s",
+                        step, self.total, 100 * step / self.total, row["loss"], row["lr"], row["images_per_s"],
+                        use["rss_mb"], use["peak_rss_mb"],
+                        f" cuda {use['cuda_mb']:.0f} MB" if "cuda_mb" in use else "", _fmt_time(eta), extra)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fmt_time(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# --------------------------------------------------------------------------- evaluation and outputs
+
+
+def _batches_of(dataset: Any, batch_size: int, device: torch.device, stop: int | None = None) -> Iterator[Batch]:
+    """Sequential batches of ``dataset`` (the first ``stop`` images if given)."""
+    n = len(dataset) if stop is None else min(stop, len(dataset))
+    for start in range(0, n, batch_size):
+        yield Batch(dataset.read(start, min(start + batch_size, n)), device)
+
+
+@torch.no_grad()
+def evaluate_poses(recipe: Recipe, model: Autoencoder, batches: list[Batch]) -> dict:
+    """Test loss and (for learned poses) the paper's pose error on the given batches, in eval mode."""
+    from xrai.metrics import pose_errors_deg, summarize_pose_errors
+
+    was_training = model.training
+    model.eval()
+    try:
+        outs = [recipe.infer(model, b) for b in batches]
+    finally:
+        model.train(was_training)
+    scale2 = float(model.decoder.scale) ** 2
+    row: dict[str, Any] = {"test_loss": float(torch.cat([o.per_image for o in outs]).mean()) / scale2}
+    if recipe.learns_poses:
+        R_pred = torch.cat([o.rotations for o in outs]).double().cpu()
+        R_true = torch.cat([b.rotations for b in batches]).double().cpu()
+        summary = summarize_pose_errors(pose_errors_deg(R_pred, R_true)[0])
+        row.update(test_pose_median_deg=summary["median_deg"], test_pose_mse_deg2=summary["mse_deg2"],
+                   test_pose_frac_within_5=summary["frac_within_5"])
+    return row
+
+
+@torch.no_grad()
+def write_poses(path: Path, recipe: Recipe, model: Autoencoder, dataset: Any, batch_size: int,
+                device: torch.device, attrs: dict) -> None:
+    """Predict (or, for known poses, copy) the pose of every image of ``dataset`` into ``path``, streaming.
+
+    ``rotations`` (N, 3, 3) float32 are the poses of the images as recorded (already
+    corrected by ``RZ_PI`` where the pi-rotated branch won), ``branch`` (N,) int8, ``index`` (N,).
+    """
+    import h5py
+
+    from xrai.io import atomic_path
+
+    n = len(dataset)
+    was_training = model.training
+    model.eval()
+    try:
+        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+            rot = f.create_dataset("rotations", (n, 3, 3), dtype="f4", chunks=(min(n, 4096), 3, 3))
+            branch = f.create_dataset("branch", (n,), dtype="i1")
+            index = f.create_dataset("index", (n,), dtype="i8")
+            for b in _batches_of(dataset, batch_size, device):
+                lo, hi = int(b.index[0]), int(b.index[-1]) + 1
+                if recipe.learns_poses:
+                    out = recipe.infer(model, b)
+                    rot[lo:hi] = out.rotations.float().cpu().numpy()
+                    branch[lo:hi] = out.branch.cpu().numpy()
+                else:
+                    rot[lo:hi] = b.rotations.float().cpu().numpy()
+                    branch[lo:hi] = 0
+                index[lo:hi] = b.index.numpy()
+            f.attrs.update({k: str(v) if isinstance(v, Path) else v for k, v in attrs.items()})
+            f.attrs["source"] = "encoder" if recipe.learns_poses else "ground_truth"
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def write_volume(out_dir: Path, model: Autoencoder, cfg: dict, device: torch.device, provenance: dict) -> None:
+    """Sample the decoder on the config's reciprocal grid: ``intensity.h5`` and ``amplitude.mrc``.
+
+    Voxels beyond the detector's corner ``|q| > q_max`` were never observed; they are set to 0.
+    """
+    from xrai.geometry import reciprocal_grid
+    from xrai.io import write_mrc
+    from xrai.volume import write_volume_h5
+
+    grid = reciprocal_grid(cfg)
+    coords = grid.coordinates(dtype=torch.float32, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        amplitude = model.decoder.sample_grid(coords).double()
+    finally:
+        model.train(was_training)
+    amplitude = torch.where(coords.norm(dim=-1) <= grid.q_max * (1 + 1e-6), amplitude, torch.zeros_like(amplitude))
+    amplitude = amplitude.cpu()
+    write_volume_h5(str(out_dir / "intensity.h5"), grid, provenance, intensity=amplitude**2, amplitude=amplitude)
+    write_mrc(out_dir / "amplitude.mrc", amplitude.numpy(), grid.voxel_size)
+
+
+def write_metrics_csv(path: Path, rows: list[dict]) -> None:
+    """``metrics.csv`` with :data:`METRIC_COLUMNS` (blank where a value was not measured), atomically."""
+    from xrai.io import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(METRIC_COLUMNS), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k, "")) for k in METRIC_COLUMNS})
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class BatchStream:
+    """Endless shuffled batches: epoch after epoch, each shuffled with ``(seed, epoch)``; resumable by position."""
+
+    def __init__(self, dataset: Any, batch_size: int, seed: int, epoch: int = 0, batch_in_epoch: int = 0) -> None:
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
+        self._it: Iterator | None = None
+
+    def next(self) -> dict[str, torch.Tensor]:
+        while True:
+            if self._it is None:
+                self._it = self.dataset.iter_batches(self.batch_size, shuffle=True, seed=self.seed,
+                                                     epoch=self.epoch, skip=self.batch_in_epoch)
+            try:
+                raw = next(self._it)
+            except StopIteration:
+                self._it = None
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                continue
+            self.batch_in_epoch += 1
+            return raw
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+
+def train(
+    cfg: dict,
+    method: str,
+    run: int,
+    train_data: str | os.PathLike,
+    test_data: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    step_callback: Callable[[int], None] | None = None,
+) -> Path:
+    """Train (or resume) one run and write every output into ``out_dir``; return ``out_dir``.
+
+    ``step_callback(step)`` is called after every completed step (tests use it to send
+    a signal half-way). On SIGTERM / SIGINT the checkpoint is written and
+    :class:`TrainingInterrupted` (a ``SystemExit``) is raised.
+    """
+    from xrai.dataset import DiffractionDataset
+    from xrai.io import provenance, write_run_metadata
+    from xrai.utils import pick_device, resource_usage, seed_everything, set_cpu_threads
+
+    tcfg = cfg["train"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed = int(tcfg["seed"]) + int(run)
+    total = int(tcfg["steps"])
+    batch_size = int(tcfg["batch_size"])
+    device = pick_device(tcfg.get("device", "auto"))
+    threads = set_cpu_threads(int(tcfg.get("num_threads", 0))) if device.type == "cpu" else torch.get_num_threads()
+    recipe = get_recipe(method, cfg)
+    train_ds = DiffractionDataset(train_data)
+    test_ds = DiffractionDataset(test_data)
+    if train_ds.image_shape != test_ds.image_shape:
+        raise XraiError(f"{test_data}: images {test_ds.image_shape} differ from the train set's {train_ds.image_shape}")
+    logger.info("train %s run %d: seed %d, %d steps of %d images, %s (%d threads); train %s (%d images), test %s (%d)",
+                method, run, seed, total, batch_size, device, threads, train_ds.path, len(train_ds),
+                test_ds.path, len(test_ds))
+
+    seed_everything(seed)
+    model = recipe.build_model(train_ds.pixel_position_reciprocal).to(device)
+    optimizer = recipe.build_optimizer(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("model: %d parameters (%s)", n_params,
+                ", ".join(f"{name} {sum(p.numel() for p in m.parameters())}" for name, m in model.named_children()))
+
+    ckpt_path = out / "checkpoint.pt"
+    info = {"method": method, "run": int(run), "seed": seed, "train_data": str(Path(train_data).resolve()),
+            "n_train": len(train_ds), "batch_size": batch_size}
+    rows: list[dict] = []
+    wall_before = 0.0
+    if ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        for key in ("method", "seed", "n_train", "batch_size"):
+            if state["info"].get(key) != info[key]:
+                raise XraiError(f"{ckpt_path}: written for {key}={state['info'].get(key)!r}, this run has "
+                                f"{info[key]!r}; delete the checkpoint (or use another --out-dir) to start afresh")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        recipe.load_state_dict(state["recipe"])
+        set_rng_state(state["rng"])
+        step, rows, wall_before = int(state["step"]), list(state["metrics"]), float(state["wall_s"])
+        stream = BatchStream(train_ds, batch_size, seed, **state["data"])
+        logger.info("resumed from %s at step %d (epoch %d)", ckpt_path, step, stream.epoch)
+        if step > total:
+            raise XraiError(f"{ckpt_path}: already at step {step} > train.steps = {total}")
+    else:
+        recipe.prepare(model, train_ds, device)
+        step = 0
+        stream = BatchStream(train_ds, batch_size, seed)
+
+    def checkpoint() -> None:
+        save_checkpoint(ckpt_path, {
+            "format": CHECKPOINT_FORMAT, "info": info, "step": step, "total_steps": total,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "recipe": recipe.state_dict(),
+            "rng": rng_state(), "data": stream.position(), "metrics": rows, "wall_s": wall,
+            "train_config": tcfg,
+        })
+
+    eval_batches = list(_batches_of(test_ds, batch_size, device, stop=int(tcfg["eval_images"])))
+    log_every, eval_every = int(tcfg["log_every"]), int(tcfg["eval_every"])
+    ckpt_every = int(tcfg["checkpoint_every"])
+    stop = StopRequest()
+    progress = Progress(total, step, log_every, device)
+    model.train()
+    t_start = time.perf_counter()
+    wall = wall_before
+    t_window, n_window, loss_window = time.perf_counter(), 0, []
+    try:
+        with stop.installed():
+            while step < total and stop.signum is None:
+                batch = Batch(stream.next(), device)
+                stats = recipe.training_step(model, optimizer, batch, step)
+                step += 1
+                n_window += len(batch)
+                loss_window.append(stats["loss"])
+                if not math.isfinite(stats["loss"]):
+                    raise XraiError(f"training diverged at step {step} (loss {stats['loss']}); "
+                                    "lower train.lr or train.grad_clip")
+                row = None
+                is_eval = step % eval_every == 0 or step == total
+                if step % log_every == 0 or is_eval:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    dt = time.perf_counter() - t_window
+                    row = {"step": step, "epoch": stream.epoch, "loss": float(np.mean(loss_window)),
+                           "lr": optimizer.param_groups[0]["lr"], "images_per_s": n_window / max(dt, 1e-9),
+                           "rss_mb": resource_usage(device)["rss_mb"], "_batch": batch_size,
+                           "test_loss": "", "test_pose_median_deg": ""}
+                    if is_eval:
+                        row.update(evaluate_poses(recipe, model, eval_batches))
+                    wall = wall_before + time.perf_counter() - t_start
+                    row["wall_s"] = wall
+                    rows.append({k: v for k, v in row.items() if not k.startswith("_")})
+                    t_window, n_window, loss_window = time.perf_counter(), 0, []
+                progress.update(step, row, stats["loss"])
+                wall = wall_before + time.perf_counter() - t_start
+                if step % ckpt_every == 0 or step == total or stop.signum is not None:
+                    checkpoint()
+                if step_callback is not None:
+                    step_callback(step)
+            if stop.signum is not None and step < total:
+                checkpoint()
+                logger.warning("stopped by %s at step %d/%d; checkpoint written to %s; rerun to resume",
+                               signal.Signals(stop.signum).name, step, total, ckpt_path)
+                raise TrainingInterrupted(stop.signum, step)
+    finally:
+        progress.close()
+
+    # ---- outputs, written once at the end (each atomically)
+    logger.info("training done at step %d (%.1f min); writing outputs to %s", step, wall / 60, out)
+    prov = provenance(None, seed) | {"method": method, "run": int(run), "steps": step, "train_data": info["train_data"],
+                                      "test_data": str(Path(test_data).resolve()), "wall_s": wall}
+    attrs = {"method": method, "run": int(run), "step": step, "seed": seed}
+    write_poses(out / "poses_test.h5", recipe, model, test_ds, batch_size, device,
+                attrs | {"dataset": str(Path(test_data).resolve())})
+    write_poses(out / "poses_train.h5", recipe, model, train_ds, batch_size, device,
+                attrs | {"dataset": info["train_data"]})
+    write_volume(out, model, cfg, device, prov)
+    write_metrics_csv(out / "metrics.csv", rows)
+    write_run_metadata(out, cfg, seed)
+    from xrai.io import write_json
+
+    write_json(out / "provenance.json", prov)
+    return out
+
+
+# --------------------------------------------------------------------------- select-best
+
+
+def train_pose_error(run_dir: str | os.PathLike) -> dict:
+    """Median (and MSE) train pose error of one run, from its ``poses_train.h5`` and the dataset it names."""
+    import h5py
+
+    from xrai.dataset import DiffractionDataset
+    from xrai.metrics import pose_errors_deg, summarize_pose_errors
+
+    p = Path(run_dir) / "poses_train.h5"
+    if not p.exists():
+        raise XraiError(f"{p}: file not found (is {run_dir} a finished training run?)")
+    try:
+        with h5py.File(p, "r") as f:
+            R_pred = torch.from_numpy(f["rotations"][...]).double()
+            index = torch.from_numpy(f["index"][...]).long()
+            dataset = f.attrs["dataset"]
+    except (OSError, KeyError) as exc:
+        raise XraiError(f"{p}: not a poses file with 'rotations', 'index' and attr 'dataset' ({exc})") from None
+    ds = DiffractionDataset(dataset)
+    quats = torch.cat([ds.read(s, min(s + 65536, len(ds)))["orientations"] for s in range(0, len(ds), 65536)])
+    R_true = quaternion_to_matrix(quats[index].double())
+    return summarize_pose_errors(pose_errors_deg(R_pred, R_true)[0])
+
+
+def select_best(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> dict:
+    """Pick the run with the lowest median train pose error (appendix A.1); write ``best.json``."""
+    import re
+
+    from xrai.io import write_json
+
+    if not run_dirs:
+        raise XraiError("select-best: no --run-dirs given")
+    candidates = []
+    for d in run_dirs:
+        summary = train_pose_error(d)
+        m = re.search(r"run(\d+)$", Path(d).name)
+        candidates.append({"run": int(m.group(1)) if m else None, "run_dir": str(d),
+                           "train_pose_median_deg": summary["median_deg"], "train_pose_mse_deg2": summary["mse_deg2"]})
+        logger.info("%s: train pose median %.3f deg", d, summary["median_deg"])
+    best = min(candidates, key=lambda c: c["train_pose_median_deg"])
+    result = {"run": best["run"], "run_dir": best["run_dir"], "train_pose_median_deg": best["train_pose_median_deg"],
+              "candidates": candidates}
+    write_json(out, result)
+    logger.info("best: %s (%.3f deg)", best["run_dir"], best["train_pose_median_deg"])
+    return result
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``xrai train``."""
+    parser.add_argument("--method", required=True, choices=sorted(RECIPES), help="training recipe")
+    parser.add_argument("--run", type=int, default=0, help="run number k (seed = train.seed + k)")
+    parser.add_argument("--train-data", required=True, metavar="H5", help="training dataset (xrai simulate)")
+    parser.add_argument("--test-data", required=True, metavar="H5", help="test dataset (pose error, poses_test.h5)")
+    parser.add_argument("--out-dir", required=True, metavar="DIR", help="run directory (resumes from its checkpoint.pt)")
+
+
+def run(args: argparse.Namespace) -> None:
+    """``xrai train``."""
+    from xrai.config import load_config
+
+    train(load_config(args.config), args.method, args.run, args.train_data, args.test_data, args.out_dir)
+
+
+def add_select_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``xrai select-best``."""
+    parser.add_argument("--run-dirs", nargs="+", required=True, metavar="DIR", help="finished run directories")
+    parser.add_argument("--out", required=True, metavar="JSON", help="best.json to write")
+
+
+def run_select(args: argparse.Namespace) -> None:
+    """``xrai select-best``."""
+    select_best(args.run_dirs, args.out)
