@@ -40,3 +40,37 @@ def _load_test_config() -> dict:
 def test_config() -> dict:
     """``config/test.yaml`` loaded and validated by ``xrai.config.load_config`` (a fresh copy per test)."""
     return copy.deepcopy(_load_test_config())
+
+
+@pytest.fixture(scope="session")
+def test_scale_data(tmp_path_factory, pdb_mirror) -> dict:
+    """2CEX chain A at the test scale, made through the ``xrai`` CLI: structure, datasets, true intensity.
+
+    ``config/test.yaml``: 32 px, 2048 train / 512 test noise-free images (a few seconds).
+    Returns ``{"config": path of the YAML used, "cfg": dict, "dir", "structure", "train", "test",
+    "intensity"}`` (paths). Shared by every test file that needs simulated data; treat it as read-only.
+    """
+    import yaml
+
+    from xrai.cli import main
+
+    d = tmp_path_factory.mktemp("test_scale")
+    cfg = copy.deepcopy(_load_test_config())
+    cfg["structure"]["mirror"] = str(pdb_mirror)
+    config = d / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    sim = cfg["simulation"]
+    paths = {"config": config, "cfg": cfg, "dir": d, "structure": d / "2CEX_A.cif",
+             "train": d / f"train_{sim['train_sizes'][0]}.h5", "test": d / f"test_{sim['test_size']}.h5",
+             "intensity": d / "intensity.h5"}
+    steps = [
+        ["fetch", "--protein", "2CEX_A", "--out", str(paths["structure"])],
+        ["simulate", "--structure", str(paths["structure"]), "--split", "train",
+         "--n-images", str(sim["train_sizes"][0]), "--out", str(paths["train"])],
+        ["simulate", "--structure", str(paths["structure"]), "--split", "test",
+         "--n-images", str(sim["test_size"]), "--out", str(paths["test"])],
+        ["reference", "--structure", str(paths["structure"]), "--intensity", str(paths["intensity"])],
+    ]
+    for argv in steps:
+        assert main([argv[0], "--config", str(config), *argv[1:]]) == 0, argv
+    return paths

@@ -160,4 +160,8 @@ def test_shell_correlation_is_phase_free_check():
     assert np.allclose(same["corr"][1:], 1.0, atol=1e-9)
     other = shell_correlation(amp, np.abs(rng.normal(size=(24,) * 3)) + 1.0, grid)
     assert abs(other["mean"]) < 0.1
-    assert len(same["shell"]) == 13 and abs(same["freq_A_inv"][1] - grid.dq) < 1e-15
+    # the DC shell holds one voxel: no correlation there
+    assert same["shell"] == list(range(1, 13)) and abs(same["freq_A_inv"][0] - grid.dq) < 1e-15
+    # voxels set to NaN (e.g. beyond the detector corner) are ignored
+    masked = np.where(grid.radius_index().numpy() > 9, np.nan, amp)
+    assert shell_correlation(masked, amp, grid)["shell"] == list(range(1, 10))

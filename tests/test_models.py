@@ -8,7 +8,13 @@ import torch
 from xrai.geometry import Beam, Detector
 from xrai.losses import rotate_pi
 from xrai.models import Autoencoder, FourierNet, GaussianPyramid, VGGEncoder, rotate_ewald
-from xrai.rotations import RZ_PI, matrix_to_sixd, quaternion_to_matrix, random_quaternions, sixd_to_matrix
+from xrai.rotations import (
+    RZ_PI,
+    matrix_to_sixd,
+    quaternion_to_matrix,
+    random_quaternions,
+    sixd_to_matrix,
+)
 
 
 def _ewald(n_pixels: int = 32) -> torch.Tensor:

@@ -75,6 +75,7 @@ def atomic_form_factor(element: str, q: torch.Tensor, charge: int = 0) -> torch.
     return (a * torch.exp(-b * s2[..., None])).sum(-1) + c
 
 
+@functools.lru_cache(maxsize=256)
 def electron_count(element: str, charge: int = 0) -> float:
     """``f(0) = sum a_i + c``: the number of electrons the form factor integrates to."""
     a, _, c = form_factor_coefficients(element, charge)

@@ -270,7 +270,8 @@ def shell_correlation(amp1: ArrayLike, amp2: ArrayLike, grid: ReciprocalGrid) ->
     is subtracted within each shell, so a constant offset does not count as agreement.
     Shells are ``round(|q| / dq)`` up to ``grid.size // 2``. Returns
     ``{"shell", "freq_A_inv", "corr", "mean"}``; ``mean`` averages shells 1..n/2.
-    Voxels that are not finite in either volume are ignored.
+    Voxels that are not finite in either volume are ignored (set them to NaN to exclude
+    them, e.g. beyond the detector's corner); shells left with < 2 voxels are dropped.
     """
     a, b = _as_tensor64(amp1), _as_tensor64(amp2)
     if a.shape != (grid.size,) * 3 or b.shape != a.shape:
@@ -290,10 +291,12 @@ def shell_correlation(amp1: ArrayLike, amp2: ArrayLike, grid: ReciprocalGrid) ->
     num = _shell_sums(da * db, shells, n_shells)
     den = torch.sqrt(_shell_sums(da * da, shells, n_shells) * _shell_sums(db * db, shells, n_shells))
     corr = torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
-    s = torch.arange(n_shells, dtype=torch.float64)
+    # shells with fewer than two finite voxels (e.g. beyond the detector's corner) carry no information
+    s = torch.nonzero(_shell_sums(torch.ones_like(a), shells, n_shells) >= 2).flatten()
+    corr = corr[s]
     return {
-        "shell": s.long().tolist(),
-        "freq_A_inv": (s * grid.dq).tolist(),
+        "shell": s.tolist(),
+        "freq_A_inv": (s.double() * grid.dq).tolist(),
         "corr": corr.tolist(),
-        "mean": float(corr[1:].mean()),
+        "mean": float(corr[s >= 1].mean()) if bool((s >= 1).any()) else float("nan"),
     }

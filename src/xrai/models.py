@@ -262,18 +262,27 @@ class Autoencoder(nn.Module):
     """Encoder (or given poses) -> rotate the Ewald coordinates -> FourierNet -> predicted amplitude image.
 
     ``ewald`` is the detector's pixel coordinates ``q`` (H, W, 3) in Angstrom^-1 (lab frame,
-    exact Ewald sphere). With ``encoder=None`` the poses must be given (known-pose mode).
+    exact Ewald sphere). ``pixel_factor`` (H, W), if given, multiplies the predicted
+    amplitude per pixel: the square root of the detector's known intensity factors
+    (polarization x solid angle, relative to their mean), so that the decoder holds one
+    3D amplitude ``|F|`` while each pixel records ``|F|^2 x polarization x solid angle``.
+    With ``encoder=None`` the poses must be given (known-pose mode).
     """
 
-    def __init__(self, decoder: FourierNet, ewald: torch.Tensor, encoder: nn.Module | None = None) -> None:
+    def __init__(self, decoder: FourierNet, ewald: torch.Tensor, encoder: nn.Module | None = None,
+                 pixel_factor: torch.Tensor | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.register_buffer("ewald", ewald.detach().float().clone())
+        factor = torch.ones(ewald.shape[:2]) if pixel_factor is None else pixel_factor.detach().float().clone()
+        if factor.shape != ewald.shape[:2]:
+            raise ValueError(f"pixel_factor has shape {tuple(factor.shape)}, expected {tuple(ewald.shape[:2])}")
+        self.register_buffer("pixel_factor", factor)
 
     def render(self, R: torch.Tensor) -> torch.Tensor:
         """Predicted amplitude images (B, H, W) for poses ``R`` (B, 3, 3)."""
-        return self.decoder(rotate_ewald(R, self.ewald))
+        return self.decoder(rotate_ewald(R, self.ewald)) * self.pixel_factor
 
     def forward(self, amplitude: torch.Tensor, R: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``amplitude`` (B, H, W) in the decoder's unit -> (prediction (B, H, W), rotations (B, 3, 3)).

@@ -36,8 +36,14 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as nnf
 
-from xrai.formfactors import atomic_form_factor, electron_count, normalize_element
+from xrai.formfactors import (
+    atomic_form_factor,
+    electron_count,
+    form_factor_coefficients,
+    normalize_element,
+)
 from xrai.geometry import Beam, Detector, simulation_mesh
 from xrai.rotations import quaternion_to_matrix
 from xrai.volume import ReciprocalGrid, sample_volume
@@ -100,24 +106,27 @@ def structure_factor_mesh(
     # odd sizes: the mesh is symmetric about 0, compute x >= 0 and mirror the rest
     symmetric = m % 2 == 1
     x0 = m // 2 if symmetric else 0
-    if batch is None:
+    if batch is None:  # x-planes per slab: the (atoms, planes * M) work array within budget
         batch = max(1, _SLAB_BYTES // (16 * m * max(len(i) for i in groups.values())))
     t0 = time.perf_counter()
     out = torch.zeros((m, m, m), dtype=dtype, device=device)
-    # |q| of one x-plane is cheap to rebuild; f_t(|q|) per slab
-    qyz2 = ax[:, None] ** 2 + ax[None, :] ** 2
+    # per element: phase factors per axis (n, M) and the form-factor coefficients
+    factors = []
     for element, idx in groups.items():
-        p = pos[idx.to(device)]
-        phase = (2 * math.pi) * p[:, :, None] * ax[None, None, :]  # (n, 3, M)
+        phase = (2 * math.pi) * pos[idx.to(device)][:, :, None] * ax[None, None, :]  # (n, 3, M)
         e = torch.polar(torch.ones_like(phase), phase).to(dtype)
-        ex, ey, ez = e[:, 0], e[:, 1], e[:, 2]
-        n = p.shape[0]
-        for a0 in range(x0, m, batch):
-            a1 = min(a0 + batch, m)
-            exy = (ex[:, a0:a1, None] * ey[:, None, :]).reshape(n, -1)
-            s = (exy.transpose(0, 1) @ ez).reshape(a1 - a0, m, m)
-            qn = torch.sqrt(ax[a0:a1, None, None] ** 2 + qyz2[None])
-            out[a0:a1] += atomic_form_factor(element, qn).to(real_dtype) * s
+        factors.append((element, e[:, 0], e[:, 1], e[:, 2], form_factor_coefficients(element)))
+    qyz2 = ax[:, None] ** 2 + ax[None, :] ** 2
+    for a0 in range(x0, m, batch):
+        a1 = min(a0 + batch, m)
+        s2 = (ax[a0:a1, None, None] ** 2 + qyz2[None]) / 4.0  # s^2 = (|q| / 2)^2
+        for _element, ex, ey, ez, (fa, fb, fc) in factors:
+            exy = (ex[:, a0:a1, None] * ey[:, None, :]).reshape(ex.shape[0], -1)
+            slab = (exy.transpose(0, 1) @ ez).reshape(a1 - a0, m, m)
+            f = torch.full_like(s2, fc)
+            for ai, bi in zip(fa.tolist(), fb.tolist(), strict=True):
+                f += ai * torch.exp(-bi * s2)
+            out[a0:a1] += f.to(real_dtype) * slab
     if symmetric:
         # F[-a, -b, -c] = conj(F[a, b, c]); index i <-> m - 1 - i
         out[: m // 2] = torch.flip(out[m // 2 + 1:], dims=(0, 1, 2)).conj()
@@ -189,10 +198,23 @@ class PatternSimulator:
         return cls(f.abs() ** 2, mesh, detector, beam, device=device)
 
     def intensities(self, quaternions: torch.Tensor) -> torch.Tensor:
-        """``|F(R q_pixel)|^2`` (electrons^2) by trilinear slicing, float32 ``(B, H, W)``."""
-        rot = quaternion_to_matrix(quaternions.to(self.device, torch.float64)).float()
-        return slice_patterns(self.mesh_intensity, self.mesh, rotated_pixels(self.q_pixel, rot))
+        """``|F(R q_pixel)|^2`` (electrons^2) by trilinear slicing, float32 ``(B, H, W)``.
+
+        The same interpolation as :func:`slice_patterns`, with the rotation and the mapping to
+        ``grid_sample``'s [-1, 1] coordinates folded into one matrix product (the hot loop).
+        """
+        rot = quaternion_to_matrix(quaternions.to(self.device, torch.float64))
+        m = self.mesh.size
+        # normalized = (k / dq + m // 2) * 2 / (m - 1) - 1, components in (z, y, x) order
+        scale = 2.0 / (self.mesh.dq * (m - 1))
+        offset = (m // 2) * 2.0 / (m - 1) - 1.0
+        a = (rot.flip(-2) * scale).float()  # (B, 3, 3): rows z, y, x
+        h, w = self.q_pixel.shape[:2]
+        coords = torch.matmul(self.q_pixel.reshape(1, -1, 3), a.transpose(-1, -2)).add_(offset)
+        out = nnf.grid_sample(self.mesh_intensity[None, None], coords.reshape(1, 1, 1, -1, 3),
+                            mode="bilinear", padding_mode="zeros", align_corners=True)
+        return out.reshape(-1, h, w)
 
     def patterns(self, quaternions: torch.Tensor) -> torch.Tensor:
         """Photons per pixel: ``|F|^2 * fluence * r_e^2 * polarization * solid_angle``, float32 ``(B, H, W)``."""
-        return self.intensities(quaternions) * self.correction
+        return self.intensities(quaternions).mul_(self.correction)

@@ -95,6 +95,25 @@ class Batch:
 # --------------------------------------------------------------------------- recipes
 
 
+def detector_pixel_factor(cfg: dict, ewald: torch.Tensor) -> torch.Tensor:
+    """``sqrt(polarization * solid_angle / mean)`` per pixel (H, W) for the config's detector and beam.
+
+    The simulated photons are ``|F|^2`` times these known detector factors; the decoder's
+    prediction is multiplied by their square root (:class:`xrai.models.Autoencoder`). The
+    dataset's pixel coordinates must be the config's geometry.
+    """
+    from xrai.geometry import Beam, Detector
+
+    det, beam = Detector.from_config(cfg), Beam.from_config(cfg)
+    q = det.pixel_position_reciprocal(beam)
+    if tuple(q.shape) != tuple(ewald.shape) or not torch.allclose(q.float(), ewald.float(), rtol=1e-4, atol=1e-6):
+        raise XraiError("the dataset's pixel_position_reciprocal does not match the config's 'detector' and 'beam' "
+                        f"(shape {tuple(ewald.shape)} vs {tuple(q.shape)}); train with the config that simulated it")
+    c = det.polarization(beam) * det.solid_angle()
+    return (c / c.mean()).sqrt().float()
+
+
+
 class Recipe:
     """How one method trains. Subclass and register in :data:`RECIPES` to add a method.
 
@@ -129,7 +148,8 @@ class Recipe:
     def build_model(self, ewald: torch.Tensor) -> Autoencoder:
         """The autoencoder for the detector's Ewald coordinates ``ewald`` (H, W, 3), Angstrom^-1."""
         q_max = float(ewald.norm(dim=-1).max())
-        return Autoencoder(self.build_decoder(q_max), ewald, encoder=self.build_encoder(tuple(ewald.shape[:2])))
+        return Autoencoder(self.build_decoder(q_max), ewald, encoder=self.build_encoder(tuple(ewald.shape[:2])),
+                           pixel_factor=detector_pixel_factor(self.cfg, ewald))
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """Adam with amsgrad at ``train.lr`` (the paper's optimizer)."""
@@ -314,7 +334,7 @@ class Progress:
             if row is not None and row.get("test_pose_median_deg") not in (None, ""):
                 self.bar.write(f"step {step}: test pose median {row['test_pose_median_deg']:.2f} deg")
             return
-        if row is not None and (step % self.log_every == 0 or step == self.total or row.get("test_loss") != ""):
+        if row is not None:  # rows are made every log_every steps and at evaluations
             from xrai.utils import resource_usage
 
             use = resource_usage(self.device)
@@ -523,6 +543,7 @@ def train(
             "n_train": len(train_ds), "batch_size": batch_size}
     rows: list[dict] = []
     wall_before = 0.0
+    window = None
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
         for key in ("method", "seed", "n_train", "batch_size"):
@@ -534,6 +555,7 @@ def train(
         recipe.load_state_dict(state["recipe"])
         set_rng_state(state["rng"])
         step, rows, wall_before = int(state["step"]), list(state["metrics"]), float(state["wall_s"])
+        window = state["window"]
         stream = BatchStream(train_ds, batch_size, seed, **state["data"])
         logger.info("resumed from %s at step %d (epoch %d)", ckpt_path, step, stream.epoch)
         if step > total:
@@ -548,7 +570,7 @@ def train(
             "format": CHECKPOINT_FORMAT, "info": info, "step": step, "total_steps": total,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "recipe": recipe.state_dict(),
             "rng": rng_state(), "data": stream.position(), "metrics": rows, "wall_s": wall,
-            "train_config": tcfg,
+            "window": {"losses": loss_window, "images": n_window}, "train_config": tcfg,
         })
 
     eval_batches = list(_batches_of(test_ds, batch_size, device, stop=int(tcfg["eval_images"])))
@@ -560,6 +582,8 @@ def train(
     t_start = time.perf_counter()
     wall = wall_before
     t_window, n_window, loss_window = time.perf_counter(), 0, []
+    if window is not None:  # the log window in progress when the checkpoint was written
+        n_window, loss_window = int(window["images"]), list(window["losses"])
     try:
         with stop.installed():
             while step < total and stop.signum is None:

@@ -50,13 +50,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process. VmHWM, because ru_maxrss of a child forked from a
+    large parent (Snakemake) reports the parent's peak."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def resource_usage(device: torch.device | None = None) -> dict[str, float]:
     """Current and peak resident memory of this process (MB), and CUDA memory when on a GPU."""
     import psutil
 
     out = {
         "rss_mb": psutil.Process().memory_info().rss / 2**20,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": _peak_rss_mb(),
     }
     if device is not None and device.type == "cuda":
         out["cuda_mb"] = torch.cuda.memory_allocated(device) / 2**20

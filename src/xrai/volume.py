@@ -150,3 +150,42 @@ def read_volume_h5(path: str, name: str = "intensity") -> tuple[torch.Tensor, Re
     if not torch.isfinite(data).all():
         raise XraiError(f"{p}: volume '{name}' contains NaN or infinite values")
     return data, grid
+
+
+def insert_trilinear(
+    volume_sum: torch.Tensor,
+    weight_sum: torch.Tensor | None,
+    k: torch.Tensor,
+    values: torch.Tensor,
+    grid: ReciprocalGrid,
+    weights: torch.Tensor | None = None,
+) -> None:
+    """Scatter-add ``values`` at reciprocal coordinates ``k`` into ``volume_sum`` with trilinear weights, in place.
+
+    The exact adjoint (transpose) of :func:`sample_volume`: for any volume ``V``,
+    ``(sample_volume(V, k, grid) * values).sum() == (V * added).sum()`` where ``added``
+    is what this call adds to ``volume_sum``. ``k`` is ``(..., 3)`` in Angstrom^-1 and
+    ``values`` has shape ``k.shape[:-1]``; corners outside the grid are dropped, like
+    the zero padding of :func:`sample_volume`. ``weight_sum`` (optional) receives the
+    interpolation weights times ``weights`` (per point, broadcast to ``values``; 1 if
+    not given), so that ``volume_sum / weight_sum`` is a weighted trilinear merge.
+
+    Usage::
+
+        num = torch.zeros(32, 32, 32); den = torch.zeros_like(num)
+        insert_trilinear(num, den, k, slice_values, grid)      # then model = num / den where den > 0
+    """
+    if values.shape != k.shape[:-1]:
+        raise ValueError(f"values shape {tuple(values.shape)} does not match coordinates {tuple(k.shape)}")
+    channels = [values]
+    if weight_sum is not None:
+        channels.append(torch.ones_like(values) if weights is None else weights.to(values).expand_as(values))
+    with torch.enable_grad():
+        # the gradient of sample_volume with respect to the volume is the scatter (grid_sample's own backward)
+        probe = torch.zeros((len(channels), *volume_sum.shape), dtype=volume_sum.dtype, device=volume_sum.device,
+                            requires_grad=True)
+        out = sample_volume(probe, k.detach(), grid)
+        (added,) = torch.autograd.grad(out, probe, torch.stack(channels).to(out.dtype))
+    volume_sum += added[0]
+    if weight_sum is not None:
+        weight_sum += added[1]

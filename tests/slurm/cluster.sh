@@ -76,8 +76,9 @@ ReturnToService=2
 # Finished jobs stay visible to squeue for an hour: Snakemake's status checks must see them
 # (3 x slurm-init-seconds-before-status-checks at least), and the tests check them afterwards.
 MinJobAge=3600
-# Time limit or scancel: SIGTERM, then SIGKILL after KillWait seconds (training checkpoints meanwhile).
-KillWait=15
+# Time limit or scancel: SIGTERM, then SIGKILL after KillWait seconds (Slurm's default; training
+# finishes its step and checkpoints meanwhile).
+KillWait=30
 GresTypes=gpu
 NodeName=localhost NodeHostname=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem Gres=gpu:1 State=UNKNOWN
 PartitionName=$PARTITION Nodes=localhost Default=YES MaxTime=INFINITE State=UP
@@ -177,7 +178,7 @@ stop() {
         if [ -n "${jobs// /}" ]; then
             # shellcheck disable=SC2086
             scancel $jobs 2>/dev/null || true
-            for i in $(seq 300); do
+            for i in $(seq 450); do  # up to 45 s: KillWait (30 s) and some
                 [ -z "$(squeue -h -t running,completing -o '%A' 2>/dev/null)" ] && break
                 sleep 0.1
             done

@@ -1,0 +1,768 @@
+"""Expand-maximize-compress (EMC): the non-amortized baseline (``xrai emc``).
+
+EMC (Loh & Elser, Phys. Rev. E 80, 026705, 2009; the Dragonfly implementation, Ayyer et
+al., J. Appl. Cryst. 49, 1320, 2016) reconstructs the 3D intensity ``I`` by expectation
+maximisation over a discrete set of orientations ``R_j`` (:mod:`xrai.so3grid`):
+
+* **expand**: the model's slices ``W_jp = c_p I(R_j q_p)`` at the Ewald-sphere pixel
+  coordinates ``q_p`` (``c_p``: the detector's known polarization x solid angle, normalised);
+* **maximize**: per image ``i`` and orientation ``j`` the log-likelihood ``L_ij`` of the image
+  ``K_i`` given the slice ``W_j``, and the tempered posterior ``P_ij ~ w_j exp(beta L_ij)``
+  (deterministic annealing: ``beta < 1`` flattens it);
+* **compress**: the new model from the probability-weighted images, merged into the 3D grid
+  by trilinear insertion (:func:`xrai.volume.insert_trilinear`) and Friedel-symmetrised
+  (``I(q) = I(-q)``).
+
+Likelihoods (``emc.likelihood``; ``auto`` picks Poisson when the dataset says it holds
+Poisson photon counts, Gaussian for noise-free data):
+
+* Poisson: ``L_ij = sum_p K_ip log(phi W_jp) - phi W_jp - log K_ip!``;
+* Gaussian: ``L_ij = -sum_p (K_ip - phi W_jp)^2 / (2 sigma_s^2) + log normalisers``, with one
+  variance per resolution shell ``s`` re-estimated every iteration (the EM update), so the
+  weight of each shell follows how well the model already fits it.
+
+``phi = 1`` unless ``emc.per_image_scale``: then each (image, orientation) pair gets its
+maximum-likelihood scale (Poisson ``sum K / sum W``; Gaussian ``<K, W> / <W, W>``, clipped at 0),
+for data whose incident fluence varies. Images are divided by the scale the simulator
+recorded (``scale``), exactly as ``xrai train`` does.
+
+Guarantee. The compress step is a generalised EM step: the merge gives a search
+direction, and the step length along it is the exact maximiser in ``[0, 1]`` of the
+expected complete-data log-likelihood (computed from the slices, which are linear in the
+model). So at fixed ``beta`` and orientation grid, the objective
+``sum_i (1 / beta) log sum_j w_j exp(beta L_ij)`` never decreases; at ``beta = 1`` it is the
+log-likelihood (``tests/test_emc.py`` checks it).
+
+Cost and memory. One iteration at grid level ``l`` (``M = 72 * 8**l`` orientations) costs two
+``N x M x P`` matrix products (``P`` pixels), plus ``M x P`` interpolations. Images stream
+from the dataset in chunks of ``emc.chunk_size``, so memory is ``O(M P + chunk M)``,
+independent of the number of images. The orientation grid is refined on a schedule
+(``emc.levels`` / ``emc.level_iterations``); ``beta`` follows
+``min(beta.max, beta.start * beta.factor ** (iteration // beta.every))``. Iterations stop at
+``emc.n_iterations`` or, at the last level and final ``beta``, when the relative model change
+and the relative log-likelihood change both fall below ``emc.tolerance``.
+
+Outputs (``--out-dir``, the same files as ``xrai train``): ``intensity.h5`` (``intensity``,
+``amplitude`` on :func:`xrai.geometry.reciprocal_grid`), ``amplitude.mrc``, ``poses_train.h5``
+(the most likely orientation of each training image at the last iteration) and
+``poses_test.h5`` (test images matched against the final model at the finest level),
+``metrics.csv``, ``config.yaml``, ``provenance.json``. ``checkpoint.pt`` is written after
+every iteration; rerunning the same command resumes from it.
+
+Usage::
+
+    xrai emc --config config/test.yaml --run 0 \\
+        --train-data results/datasets/2CEX_A/train_2048.h5 \\
+        --test-data results/datasets/2CEX_A/test_512.h5 \\
+        --out-dir results/reconstructions/2CEX_A/2048/emc/run0
+
+or from Python::
+
+    from xrai.baselines.emc import run_emc
+    run_emc(load_config("config/test.yaml"), 0, "train.h5", "test.h5", "out/run0")
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from xrai.errors import XraiError
+from xrai.rotations import quaternion_to_matrix
+from xrai.so3grid import grid_size, so3_grid, so3_grid_weights
+from xrai.volume import ReciprocalGrid
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+LIKELIHOODS = ("auto", "poisson", "gaussian")
+#: columns of metrics.csv (``step`` = iteration; test_pose_* only on the final row)
+METRIC_COLUMNS = (
+    "step", "level", "n_orientations", "beta", "log_likelihood", "objective", "model_change", "step_length",
+    "mean_max_probability", "train_pose_median_deg", "iteration_s", "wall_s", "rss_mb",
+    "test_pose_median_deg", "test_pose_mse_deg2", "test_pose_frac_within_5",
+)
+#: training images whose pose error is logged every iteration (the first ones of the file)
+TRAIN_POSE_IMAGES = 4096
+#: floor of the Gaussian variance per shell, relative to the shell's mean squared intensity
+_SIGMA2_FLOOR = 1e-8
+#: floor of the Poisson model, relative to the mean slice value (log W must stay finite)
+_POISSON_FLOOR = 1e-8
+#: posterior terms this far (in log) below an image's best orientation count as 0
+_LOG_CUTOFF = 50.0
+#: elements of one (images, orientations) matrix: caps the image chunk at fine levels (256 MB)
+_CHUNK_ELEMENTS = 1 << 26
+#: points per trilinear expand / merge call (bounds the (points, 3) coordinate buffers)
+_POINTS_PER_CALL = 1 << 22
+
+
+# --------------------------------------------------------------------------- settings
+
+#: settings a resumed run must share with its checkpoint
+_RESUME_KEYS = ("levels", "level_iterations", "beta_start", "beta_factor", "beta_every", "beta_max",
+                "likelihood", "per_image_scale", "seed")
+
+
+@dataclass
+class EMCSettings:
+    """The ``emc`` section of the config (see ``workflow/schemas/config.schema.yaml``)."""
+
+    n_iterations: int = 30
+    levels: list[int] = field(default_factory=lambda: [1, 2, 3])
+    level_iterations: list[int] = field(default_factory=lambda: [8, 8])
+    beta_start: float = 0.3
+    beta_factor: float = 2.0
+    beta_every: int = 8
+    beta_max: float = 1.0
+    likelihood: str = "auto"
+    per_image_scale: bool = False
+    chunk_size: int = 1024
+    tolerance: float = 1e-3
+    device: str = "auto"
+    seed: int = 0
+    num_threads: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.level_iterations) != len(self.levels) - 1:
+            raise XraiError(f"config key 'emc.level_iterations': expected {len(self.levels) - 1} entries "
+                            f"(one per level of emc.levels = {self.levels} but the last), got {self.level_iterations}")
+        if self.likelihood not in LIKELIHOODS:
+            raise XraiError(f"config key 'emc.likelihood': {self.likelihood!r} is not one of {list(LIKELIHOODS)}")
+        if not 0 < self.beta_start <= self.beta_max:
+            raise XraiError(f"config key 'emc.beta': need 0 < start <= max, got start {self.beta_start}, "
+                            f"max {self.beta_max}")
+        for level in self.levels:
+            grid_size(level)  # raises for a bad level
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> EMCSettings:
+        """Settings from a resolved config (defaults for a missing ``emc`` section)."""
+        e = dict(cfg.get("emc", {}) or {})
+        beta = dict(e.pop("beta", {}) or {})
+        known = {f for f in cls.__dataclass_fields__ if not f.startswith("beta_")}
+        kwargs = {k: v for k, v in e.items() if k in known}
+        for k in ("start", "factor", "every", "max"):
+            if k in beta:
+                kwargs[f"beta_{k}"] = beta[k]
+        return cls(**kwargs)
+
+    def level_at(self, iteration: int) -> int:
+        """SO(3) grid level used at ``iteration`` (0-based)."""
+        edge = 0
+        for level, n in zip(self.levels[:-1], self.level_iterations, strict=True):
+            edge += n
+            if iteration < edge:
+                return level
+        return self.levels[-1]
+
+    def beta_at(self, iteration: int) -> float:
+        """Annealing exponent at ``iteration`` (0-based)."""
+        return min(self.beta_max, self.beta_start * self.beta_factor ** (iteration // self.beta_every))
+
+    def is_final_stage(self, iteration: int) -> bool:
+        """True once the finest level and the final beta are reached (convergence may then stop the run)."""
+        return (iteration >= sum(self.level_iterations)
+                and self.beta_at(iteration) >= self.beta_max * (1 - 1e-12))
+
+
+def resolve_likelihood(name: str, dataset: Any) -> str:
+    """``auto`` -> ``poisson`` when the dataset's ``scaling.poisson_noise`` attribute is true, else ``gaussian``."""
+    if name != "auto":
+        return name
+    scaling = getattr(dataset, "attrs", {}).get("scaling", {})
+    if isinstance(scaling, str):
+        import json
+
+        try:
+            scaling = json.loads(scaling)
+        except ValueError:
+            scaling = {}
+    return "poisson" if isinstance(scaling, dict) and scaling.get("poisson_noise") else "gaussian"
+
+
+# --------------------------------------------------------------------------- the algorithm
+
+
+@dataclass
+class IterationResult:
+    """What one EMC iteration measured (means are per image)."""
+
+    log_likelihood: float
+    objective: float
+    model_change: float
+    step_length: float
+    mean_max_probability: float
+    best: torch.Tensor  # (N,) index of the most likely orientation of every image
+    seconds: float
+
+
+class ExpandMaximizeCompress:
+    """The EMC model (a 3D intensity on ``grid``) and its iterations over a stream of images.
+
+    ``q_pixel`` ``(H, W, 3)`` are the detector's Ewald coordinates (Angstrom^-1) and
+    ``pixel_factor`` ``(H, W)`` the known per-pixel factor the images carry
+    (polarization x solid angle; ones if ``None``). Images come from ``read(start, stop)``
+    dicts like :meth:`xrai.dataset.DiffractionDataset.read`. Example::
+
+        emc = ExpandMaximizeCompress(grid, q_pixel, None, likelihood="gaussian")
+        emc.initialize(dataset, torch.Generator().manual_seed(0))
+        for it in range(10):
+            result = emc.iterate(dataset, level=2, beta=1.0)
+        best, R = emc.most_likely_poses(test_dataset, level=2)
+    """
+
+    def __init__(
+        self,
+        grid: ReciprocalGrid,
+        q_pixel: torch.Tensor,
+        pixel_factor: torch.Tensor | None = None,
+        *,
+        likelihood: str = "gaussian",
+        per_image_scale: bool = False,
+        chunk_size: int = 1024,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if likelihood not in ("poisson", "gaussian"):
+            raise ValueError(f"likelihood must be 'poisson' or 'gaussian', got {likelihood!r}")
+        self.grid = grid
+        self.device = torch.device(device)
+        self.likelihood = likelihood
+        self.per_image_scale = bool(per_image_scale)
+        self.chunk_size = int(chunk_size)
+        self.image_shape = tuple(q_pixel.shape[:2])
+        self.q = q_pixel.reshape(-1, 3).to(self.device, torch.float32)
+        self._origin = grid.to_normalized(torch.zeros(3, dtype=torch.float64)).float().to(self.device)
+        self._q_centred = grid.to_normalized(q_pixel.reshape(-1, 3).double()).float().to(self.device) - self._origin
+        self._axis_flip = torch.eye(3, device=self.device).flip(0)
+        n_pix = self.q.shape[0]
+        c = torch.ones(n_pix) if pixel_factor is None else pixel_factor.reshape(-1).double()
+        self.c = (c / c.mean()).to(self.device, torch.float32)
+        # resolution shells of the pixels (the Gaussian's variances), in grid voxels
+        self.shell = torch.round(self.q.double().norm(dim=-1) / grid.dq).long().to(self.device)
+        self.n_shells = int(self.shell.max()) + 1
+        self.shell_count = torch.bincount(self.shell, minlength=self.n_shells).double()
+        self.volume = torch.zeros((grid.size,) * 3, device=self.device)
+        self.sigma2 = torch.ones(self.n_shells, dtype=torch.float64, device=self.device)
+        self._slices: tuple[int, torch.Tensor] | None = None  # (level, W) cache of the current model
+
+    # ---------------------------------------------------------------- data
+    def _chunks(self, dataset: Any, n_orientations: int = 1,
+                stop: int | None = None) -> Iterator[tuple[int, torch.Tensor, dict]]:
+        """``(start, K (B, P) float32 on the device, raw batch)`` over the first ``stop`` images.
+
+        ``B`` is ``chunk_size``, or fewer so that a (B, n_orientations) matrix stays within budget.
+        """
+        n = len(dataset) if stop is None else min(stop, len(dataset))
+        rows = max(16, min(self.chunk_size, _CHUNK_ELEMENTS // max(n_orientations, 1)))
+        for start in range(0, n, rows):
+            raw = dataset.read(start, min(start + rows, n))
+            images = raw["images"].to(self.device, torch.float32)
+            if "scale" in raw:
+                images = images / raw["scale"].to(self.device)[:, None, None]
+            yield start, images.reshape(images.shape[0], -1), raw
+
+    # ---------------------------------------------------------------- expand
+    def rotations(self, level: int) -> torch.Tensor:
+        """The rotation matrices ``(M, 3, 3)`` float32 of the orientation grid at ``level``, on the device."""
+        return quaternion_to_matrix(so3_grid(level)).float().to(self.device)
+
+    def _sample_coords(self, rotations: torch.Tensor) -> torch.Tensor:
+        """grid_sample coordinates ``(1, 1, m, P, 3)`` of ``R_j q_p``, exactly :meth:`ReciprocalGrid.to_normalized`.
+
+        ``to_normalized`` is affine, ``n(k) = A k + b`` with ``A`` a scaled axis reversal, so
+        ``n(R q) = (A R A^-1)(n(q) - b) + b``: one small matrix product per orientation
+        instead of normalising every rotated point (half the cost of an expand).
+        """
+        rot_n = self._axis_flip @ rotations @ self._axis_flip  # A = s F with F = F^-1: A R A^-1 = F R F
+        coords = torch.einsum("mab,pb->mpa", rot_n, self._q_centred) + self._origin
+        return coords[None, None]
+
+    def _interpolate(self, volume: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        # the same call as xrai.volume.sample_volume (checked against it in tests/test_emc.py)
+        return F.grid_sample(volume, coords, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+    def expand(self, volume: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+        """Slices ``W (M, P) = c_p * volume(R_j q_p)`` (trilinear, 0 outside the grid, as :func:`sample_volume`)."""
+        out = torch.empty((rotations.shape[0], self.q.shape[0]), device=self.device)
+        step = max(1, _POINTS_PER_CALL // self.q.shape[0])
+        vol = volume[None, None].float()
+        for s in range(0, rotations.shape[0], step):
+            vals = self._interpolate(vol, self._sample_coords(rotations[s:s + step]))
+            out[s:s + step] = vals.reshape(-1, self.q.shape[0]) * self.c
+        return out
+
+    def merge(self, rotations: torch.Tensor, values: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Trilinear insertion (the adjoint of :meth:`expand` without ``c``) of ``values`` and ``weights`` (M, P).
+
+        Returns the two volumes ``(sum values, sum weights)``, like :func:`xrai.volume.insert_trilinear`.
+        """
+        step = max(1, _POINTS_PER_CALL // self.q.shape[0])
+        probe = torch.zeros((1, 2, *self.volume.shape), device=self.device, requires_grad=True)
+        total = torch.zeros((2, *self.volume.shape), device=self.device)
+        with torch.enable_grad():
+            for s in range(0, rotations.shape[0], step):
+                out = self._interpolate(probe, self._sample_coords(rotations[s:s + step]))
+                grad_out = torch.stack([values[s:s + step], weights[s:s + step].expand_as(values[s:s + step])])
+                (g,) = torch.autograd.grad(out, probe, grad_out.reshape(out.shape))
+                total += g[0]
+        return total[0], total[1]
+
+    def slices(self, level: int) -> torch.Tensor:
+        """Slices of the current model at ``level`` (cached until the model changes)."""
+        if self._slices is None or self._slices[0] != level:
+            self._slices = (level, self.expand(self.volume, self.rotations(level)))
+        return self._slices[1]
+
+    # ---------------------------------------------------------------- initial model
+    @torch.no_grad()
+    def initialize(self, dataset: Any, generator: torch.Generator) -> None:
+        """Random initial model: the data's radial mean profile times uniform noise in [0.5, 1.5), Friedel-symmetric.
+
+        The radial profile needs no poses; the random factor breaks the symmetry that a
+        purely radial model would have. One pass over the data also sets the Gaussian's
+        initial shell variances (the spread of the data about the radial profile).
+        """
+        n_pix = self.q.shape[0]
+        s1 = torch.zeros(n_pix, dtype=torch.float64, device=self.device)
+        s2 = torch.zeros_like(s1)
+        n = 0
+        for _, K, _ in self._chunks(dataset):
+            s1 += K.double().sum(0)
+            s2 += (K.double() ** 2).sum(0)
+            n += K.shape[0]
+        if n == 0:
+            raise XraiError("EMC: the training dataset holds no images")
+        c = self.c.double()
+        # per-shell mean of I = K / c, least squares over the shell's pixels
+        profile = self._shell_sum(c * s1) / self._shell_sum(c * c * n).clamp_min(1e-30)
+        resid = s2 - 2 * c * profile[self.shell] * s1 + n * (c * profile[self.shell]) ** 2
+        self.sigma2 = (self._shell_sum(resid) / (n * self.shell_count.clamp_min(1))).clamp_min(1e-30)
+        # the profile as a function of |k| on the volume grid, linear between shells
+        r = self.grid.coordinates(device=self.device).norm(dim=-1) / self.grid.dq
+        r0 = r.floor().long().clamp(max=self.n_shells - 1)
+        r1 = (r0 + 1).clamp(max=self.n_shells - 1)
+        f = (r - r0).clamp(0, 1)
+        radial = (1 - f) * profile[r0] + f * profile[r1]
+        noise = 0.5 + torch.rand(radial.shape, generator=generator, dtype=torch.float64).to(self.device)
+        self.volume = friedel_symmetrize(radial.clamp_min(0) * noise).float()
+        self._slices = None
+
+    def _shell_sum(self, per_pixel: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(self.n_shells, dtype=per_pixel.dtype, device=self.device).index_add_(0, self.shell, per_pixel)
+
+    # ---------------------------------------------------------------- maximize
+    def _prepare(self, W: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-iteration quantities of the slices used by every chunk's log-likelihoods."""
+        if self.likelihood == "gaussian":
+            inv_var = (1.0 / self.sigma2[self.shell]).float()
+            Ws = W * inv_var
+            return {"Ws": Ws, "b": (W * Ws).sum(1), "inv_var": inv_var,
+                    "const": -0.5 * torch.log(2 * math.pi * self.sigma2[self.shell]).sum()}
+        floor = _POISSON_FLOOR * float(W.mean().clamp_min(1e-30))
+        Wf = W.clamp_min(floor)
+        return {"logW": torch.log(Wf), "w": Wf.sum(1)}
+
+    def _log_likelihood(self, K: torch.Tensor, prep: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``(L (B, M) without the per-image constant, phi (B, M) or None, per-image constant (B,) float64)``."""
+        if self.likelihood == "gaussian":
+            C = K @ prep["Ws"].T
+            a = (K.double() ** 2 * prep["inv_var"].double()).sum(1)
+            const = -0.5 * a + prep["const"]
+            if self.per_image_scale:
+                phi = (C / prep["b"].clamp_min(1e-30)).clamp_min(0)
+                return 0.5 * phi * C, phi, const
+            return C - 0.5 * prep["b"], None, const
+        L = K @ prep["logW"].T
+        const = -torch.lgamma(K.double() + 1).sum(1)
+        if self.per_image_scale:
+            k = K.sum(1, keepdim=True)
+            phi = k / prep["w"]
+            return L + torch.xlogy(k, phi) - k, phi, const
+        return L - prep["w"], None, const
+
+    # ---------------------------------------------------------------- one iteration
+    @torch.no_grad()
+    def iterate(self, dataset: Any, level: int, beta: float = 1.0,
+                on_chunk: Callable[[int, torch.Tensor, dict], None] | None = None) -> IterationResult:
+        """One expand-maximize-compress iteration over every image of ``dataset``; updates the model.
+
+        ``on_chunk(start, best (B,), raw batch)`` is called for every chunk (the caller's
+        pose bookkeeping). Returns the log-likelihood (beta = 1) and the tempered objective
+        of the model *before* the update, both per image, and the most likely orientations.
+        """
+        t0 = time.perf_counter()
+        rot = self.rotations(level)
+        M, P = rot.shape[0], self.q.shape[0]
+        log_w = torch.log(so3_grid_weights(level)).float().to(self.device)
+        W = self.slices(level)
+        prep = self._prepare(W)
+        S = torch.zeros((M, P), device=self.device)  # sum_i P_ij phi_ij K_i
+        d = torch.zeros(M, dtype=torch.float64, device=self.device)  # sum_i P_ij phi_ij^(1 or 2)
+        T = torch.zeros(P, dtype=torch.float64, device=self.device)  # sum_i K_i^2 (Gaussian variances)
+        ll_sum = obj_sum = pmax_sum = 0.0
+        n = 0
+        best_all = torch.empty(len(dataset), dtype=torch.int64)
+        for start, K, raw in self._chunks(dataset, M):
+            L, phi, const = self._log_likelihood(K, prep)
+            prob, log_norm = _softmax(beta * L + log_w)
+            obj = log_norm / beta + const
+            ll = obj if beta == 1.0 else _softmax(L + log_w, prob=False)[1] + const
+            pmax, best = prob.max(dim=1)
+            ll_sum += float(ll.sum())
+            obj_sum += float(obj.sum())
+            pmax_sum += float(pmax.sum())
+            n += K.shape[0]
+            best_all[start:start + K.shape[0]] = best.cpu()
+            if on_chunk is not None:
+                on_chunk(start, best.cpu(), raw)
+            if phi is None:
+                S.addmm_(prob.T, K)
+                d += prob.sum(0).double()
+            elif self.likelihood == "gaussian":
+                S.addmm_((prob * phi).T, K)
+                d += (prob * phi * phi).sum(0).double()
+            else:
+                S.addmm_(prob.T, K)
+                d += (prob * phi).sum(0).double()
+            if self.likelihood == "gaussian":
+                T += (K.double() ** 2).sum(0)
+            del L, phi, prob
+        if n == 0:
+            raise XraiError("EMC: the training dataset holds no images")
+        change, alpha = self._compress(rot, W, S, d, T, n)
+        return IterationResult(ll_sum / n, obj_sum / n, change, alpha, pmax_sum / n, best_all,
+                               time.perf_counter() - t0)
+
+    # ---------------------------------------------------------------- compress
+    def _compress(self, rot: torch.Tensor, W: torch.Tensor, S: torch.Tensor, d: torch.Tensor, T: torch.Tensor,
+                  n: int) -> tuple[float, float]:
+        """Merge, line-search the step, update the model (and the Gaussian's variances). Returns (change, step)."""
+        gaussian = self.likelihood == "gaussian"
+        df = d.float()
+        inv_var = (1.0 / self.sigma2[self.shell]).float() if gaussian else torch.ones_like(self.c)
+        # merge: trilinear insertion of the weighted image sums and of their weights, Friedel-symmetrised
+        if gaussian:
+            num, den = self.merge(rot, S * (self.c * inv_var), df[:, None] * (self.c * self.c * inv_var))
+        else:
+            num, den = self.merge(rot, S, df[:, None] * self.c)
+        num, den = friedel_symmetrize(num), friedel_symmetrize(den)
+        observed = den > 1e-12 * float(den.max().clamp_min(1e-30))
+        merged = torch.where(observed, num / den.clamp_min(1e-30), self.volume)
+        # exact line search on V_old + alpha (V_merged - V_old), alpha in [0, 1]: the slices are linear in V
+        delta_v = merged - self.volume
+        dW = self.expand(delta_v, rot)
+        if gaussian:
+            g = float(((S - df[:, None] * W) * dW * inv_var).double().sum())
+            h = float((df[:, None] * dW * dW * inv_var).double().sum())
+            alpha = 0.0 if g <= 0 or h <= 0 else min(1.0, g / h)
+        else:
+            alpha = _poisson_step(W, dW, S, df)
+        old_norm = float(self.volume.double().norm())
+        self.volume = self.volume + alpha * delta_v
+        W_new = W + alpha * dW
+        change = alpha * float(delta_v.double().norm()) / max(old_norm, 1e-30)
+        if gaussian:  # EM update of the shell variances: mean expected squared residual
+            resid = T - 2 * (S * W_new).double().sum(0) + (d[:, None] * W_new.double() ** 2).sum(0)
+            sigma2 = self._shell_sum(resid) / (n * self.shell_count.clamp_min(1))
+            mean_sq = self._shell_sum(T) / (n * self.shell_count.clamp_min(1))
+            self.sigma2 = torch.maximum(sigma2, _SIGMA2_FLOOR * mean_sq).clamp_min(1e-30)
+        self._slices = (self._slices[0], W_new) if self._slices is not None else None
+        return change, alpha
+
+    # ---------------------------------------------------------------- matching
+    @torch.no_grad()
+    def most_likely_poses(self, dataset: Any, level: int, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Match images against the current model: the most likely grid orientation of each (index (N,), R (N, 3, 3))."""
+        W = self.slices(level)
+        prep = self._prepare(W)
+        out = []
+        for _, K, _ in self._chunks(dataset, W.shape[0], stop):
+            L, _, _ = self._log_likelihood(K, prep)
+            out.append(L.argmax(dim=1).cpu())
+        best = torch.cat(out)
+        return best, quaternion_to_matrix(so3_grid(level)[best])
+
+    def state_dict(self) -> dict:
+        return {"volume": self.volume.cpu(), "sigma2": self.sigma2.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.volume = state["volume"].to(self.device, torch.float32)
+        self.sigma2 = state["sigma2"].to(self.device, torch.float64)
+        self._slices = None
+
+
+def _softmax(x: torch.Tensor, prob: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Row softmax of ``x`` (B, M) and its log-normaliser (B,) float64, without denormal numbers.
+
+    Terms more than ``_LOG_CUTOFF`` below a row's maximum are set to exactly 0 (relative
+    mass < M e^-50): denormal floats, which an ordinary softmax of sharp posteriors
+    produces, slow the CPU matrix products that follow by an order of magnitude.
+    """
+    m = x.max(dim=1, keepdim=True).values
+    z = x - m
+    e = torch.exp(z.clamp_min(-_LOG_CUTOFF)).masked_fill_(z <= -_LOG_CUTOFF, 0.0)
+    total = e.sum(dim=1, keepdim=True)
+    log_norm = (m + torch.log(total)).squeeze(1).double()
+    return (e.div_(total) if prob else None), log_norm
+
+
+def _poisson_step(W: torch.Tensor, dW: torch.Tensor, S: torch.Tensor, d: torch.Tensor, n_bisect: int = 30) -> float:
+    """Maximiser in [0, 1] of the concave ``f(a) = sum S log(W + a dW) - d (W + a dW)`` (bisection on f')."""
+    floor = _POISSON_FLOOR * float(W.mean().clamp_min(1e-30))
+    sum_d = float((d[:, None] * dW).double().sum())
+
+    def slope(a: float) -> float:
+        return float((S * dW / (W + a * dW).clamp_min(floor)).double().sum()) - sum_d
+
+    if slope(0.0) <= 0:
+        return 0.0
+    if slope(1.0) >= 0:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(n_bisect):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if slope(mid) > 0 else (lo, mid)
+    return lo
+
+
+def friedel_symmetrize(volume: torch.Tensor) -> torch.Tensor:
+    """``(V(q) + V(-q)) / 2`` on an FFT-centred grid (index ``i`` <-> ``size - i``; the unpaired edge plane stays)."""
+    flipped = torch.roll(torch.flip(volume, dims=(0, 1, 2)), shifts=(1, 1, 1), dims=(0, 1, 2))
+    return 0.5 * (volume + flipped)
+
+
+# --------------------------------------------------------------------------- the run: outputs as xrai train
+
+
+def _write_poses(path: Path, rotations: torch.Tensor, attrs: dict) -> None:
+    """``poses_*.h5`` like :func:`xrai.train.write_poses`: ``rotations`` (N, 3, 3), ``branch`` zeros, ``index``."""
+    import h5py
+    import numpy as np
+
+    from xrai.io import atomic_path
+
+    n = rotations.shape[0]
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("rotations", data=rotations.float().numpy(), chunks=(min(max(n, 1), 4096), 3, 3))
+        f.create_dataset("branch", data=np.zeros(n, dtype=np.int8))
+        f.create_dataset("index", data=np.arange(n, dtype=np.int64))
+        f.attrs.update({k: str(v) if isinstance(v, Path) else v for k, v in attrs.items()})
+        f.attrs["source"] = "emc"
+
+
+def _write_metrics_csv(path: Path, rows: list[dict]) -> None:
+    """``metrics.csv`` with :data:`METRIC_COLUMNS` (blank where not measured), atomically."""
+    from xrai.io import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(METRIC_COLUMNS), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k, "")) for k in METRIC_COLUMNS})
+
+
+def _write_volume(out: Path, volume: torch.Tensor, grid: ReciprocalGrid, prov: dict) -> None:
+    """``intensity.h5`` and ``amplitude.mrc``; voxels beyond the detector corner (never observed) are 0, like train."""
+    from xrai.io import write_mrc
+    from xrai.volume import write_volume_h5
+
+    intensity = volume.double().cpu().clamp_min(0)
+    inside = grid.coordinates().norm(dim=-1) <= grid.q_max * (1 + 1e-6)
+    intensity = torch.where(inside, intensity, torch.zeros_like(intensity))
+    amplitude = intensity.sqrt()
+    write_volume_h5(str(out / "intensity.h5"), grid, prov, intensity=intensity, amplitude=amplitude)
+    write_mrc(out / "amplitude.mrc", amplitude.numpy(), grid.voxel_size)
+
+
+def _pose_summary(best: torch.Tensor, level: int, quats_true: torch.Tensor) -> dict:
+    from xrai.metrics import pose_errors_deg, summarize_pose_errors
+
+    R_pred = quaternion_to_matrix(so3_grid(level)[best])
+    return summarize_pose_errors(pose_errors_deg(R_pred, quaternion_to_matrix(quats_true.double()))[0])
+
+
+def run_emc(
+    cfg: dict,
+    run: int,
+    train_data: str | Path,
+    test_data: str | Path,
+    out_dir: str | Path,
+    *,
+    iteration_callback: Callable[[int], None] | None = None,
+) -> Path:
+    """Run (or resume) EMC on ``train_data`` and write every output into ``out_dir``; return ``out_dir``.
+
+    ``iteration_callback(iteration)`` is called after every completed (and checkpointed)
+    iteration. On SIGTERM / SIGINT the run stops after the current iteration's checkpoint
+    and raises :class:`xrai.train.TrainingInterrupted`; rerunning resumes.
+    """
+    from xrai.dataset import DiffractionDataset
+    from xrai.geometry import reciprocal_grid
+    from xrai.io import provenance, write_json, write_run_metadata
+    from xrai.train import (
+        StopRequest,
+        TrainingInterrupted,
+        detector_pixel_factor,
+        load_checkpoint,
+        rng_state,
+        save_checkpoint,
+        set_rng_state,
+    )
+    from xrai.utils import pick_device, resource_usage, seed_everything, set_cpu_threads
+
+    settings = EMCSettings.from_config(cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed = int(settings.seed) + int(run)
+    device = pick_device(settings.device)
+    threads = set_cpu_threads(int(settings.num_threads)) if device.type == "cpu" else torch.get_num_threads()
+    train_ds, test_ds = DiffractionDataset(train_data), DiffractionDataset(test_data)
+    if train_ds.image_shape != test_ds.image_shape:
+        raise XraiError(f"{test_data}: images {test_ds.image_shape} differ from the train set's {train_ds.image_shape}")
+    grid = reciprocal_grid(cfg)
+    likelihood = resolve_likelihood(settings.likelihood, train_ds)
+    ewald = train_ds.pixel_position_reciprocal
+    pixel_factor = detector_pixel_factor(cfg, ewald).double() ** 2  # polarization x solid angle / mean
+    emc = ExpandMaximizeCompress(grid, ewald, pixel_factor, likelihood=likelihood,
+                                 per_image_scale=settings.per_image_scale, chunk_size=settings.chunk_size,
+                                 device=device)
+    n_train = len(train_ds)
+    logger.info("emc run %d: seed %d, %s likelihood%s, %d train images (%s), %d test, grid %d^3, levels %s, "
+                "%s (%d threads)", run, seed, likelihood, " + per-image scale" if settings.per_image_scale else "",
+                n_train, train_ds.path, len(test_ds), grid.size,
+                [f"{lv} ({grid_size(lv)})" for lv in settings.levels], device, threads)
+
+    ckpt_path = out / "checkpoint.pt"
+    info = {"method": "emc", "run": int(run), "seed": seed, "n_train": n_train, "likelihood": likelihood,
+            "train_data": str(Path(train_data).resolve()),
+            # what changes the result; n_iterations, tolerance, chunk size and device may change on resume
+            "settings": {k: v for k, v in asdict(settings).items() if k in _RESUME_KEYS}}
+    rows: list[dict] = []
+    wall_before = 0.0
+    iteration = 0
+    converged = False
+    best = torch.zeros(n_train, dtype=torch.int64)
+    best_level = settings.level_at(0)
+    if ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        for key in ("method", "seed", "n_train", "likelihood", "settings"):
+            if state["info"].get(key) != info[key]:
+                raise XraiError(f"{ckpt_path}: written for {key}={state['info'].get(key)!r}, this run has "
+                                f"{info[key]!r}; delete the checkpoint (or use another --out-dir) to start afresh")
+        emc.load_state_dict(state["model"])
+        set_rng_state(state["rng"])
+        iteration, rows, wall_before = int(state["iteration"]), list(state["metrics"]), float(state["wall_s"])
+        converged, best, best_level = bool(state["converged"]), state["best"], int(state["best_level"])
+        logger.info("resumed from %s after iteration %d", ckpt_path, iteration)
+    else:
+        seed_everything(seed)
+        t0 = time.perf_counter()
+        emc.initialize(train_ds, torch.Generator().manual_seed(seed))
+        wall_before = time.perf_counter() - t0
+
+    # true orientations of the first images, for the per-iteration train pose error
+    n_pose = min(n_train, TRAIN_POSE_IMAGES)
+    quats_train = train_ds.read(0, n_pose)["orientations"]
+
+    def checkpoint() -> None:
+        save_checkpoint(ckpt_path, {
+            "format": CHECKPOINT_FORMAT, "info": info, "iteration": iteration, "model": emc.state_dict(),
+            "rng": rng_state(), "metrics": rows, "wall_s": wall, "converged": converged,
+            "best": best, "best_level": best_level,
+        })
+
+    stop = StopRequest()
+    t_start = time.perf_counter()
+    wall = wall_before
+    with stop.installed():
+        while iteration < settings.n_iterations and not converged and stop.signum is None:
+            level, beta = settings.level_at(iteration), settings.beta_at(iteration)
+            res = emc.iterate(train_ds, level, beta)
+            best, best_level = res.best, level
+            iteration += 1
+            wall = wall_before + time.perf_counter() - t_start
+            row = {"step": iteration, "level": level, "n_orientations": grid_size(level), "beta": beta,
+                   "log_likelihood": res.log_likelihood, "objective": res.objective,
+                   "model_change": res.model_change, "step_length": res.step_length,
+                   "mean_max_probability": res.mean_max_probability,
+                   "train_pose_median_deg": _pose_summary(best[:n_pose], level, quats_train)["median_deg"],
+                   "iteration_s": res.seconds, "wall_s": wall, "rss_mb": resource_usage(device)["rss_mb"]}
+            if rows and settings.is_final_stage(iteration - 1) and rows[-1]["level"] == level \
+                    and rows[-1]["beta"] == beta:
+                ll_change = abs(res.log_likelihood - rows[-1]["log_likelihood"]) / max(abs(res.log_likelihood), 1e-30)
+                converged = res.model_change < settings.tolerance and ll_change < settings.tolerance
+            rows.append(row)
+            logger.info("iteration %d/%d: level %d (%d orientations), beta %.3g | log-lik %.6g/image, model change "
+                        "%.2e, step %.2f, max prob %.3f | train pose median %.2f deg | %.1f s | rss %.0f MB%s",
+                        iteration, settings.n_iterations, level, grid_size(level), beta, res.log_likelihood,
+                        res.model_change, res.step_length, res.mean_max_probability,
+                        row["train_pose_median_deg"], res.seconds, row["rss_mb"], " | converged" if converged else "")
+            checkpoint()
+            if iteration_callback is not None:
+                iteration_callback(iteration)
+        if stop.signum is not None and iteration < settings.n_iterations and not converged:
+            checkpoint()
+            logger.warning("stopped by %s after iteration %d; checkpoint written to %s; rerun to resume",
+                           signal.Signals(stop.signum).name, iteration, ckpt_path)
+            raise TrainingInterrupted(stop.signum, iteration)
+
+    # ---- outputs: test poses matched against the final model at the finest level
+    final_level = settings.levels[-1]
+    t0 = time.perf_counter()
+    best_test, R_test = emc.most_likely_poses(test_ds, final_level)
+    match_s = time.perf_counter() - t0
+    wall += match_s
+    test_summary = _pose_summary(best_test, final_level, _all_orientations(test_ds))
+    if rows:
+        rows[-1].update(test_pose_median_deg=test_summary["median_deg"], test_pose_mse_deg2=test_summary["mse_deg2"],
+                        test_pose_frac_within_5=test_summary["frac_within_5"], wall_s=wall)
+    logger.info("emc done after %d iterations (%s, %.1f min); test poses matched at level %d in %.1f s: median "
+                "%.2f deg; writing outputs to %s", iteration, "converged" if converged else "iteration limit",
+                wall / 60, final_level, match_s, test_summary["median_deg"], out)
+    prov = provenance(None, seed) | {"method": "emc", "run": int(run), "iterations": iteration,
+                                      "converged": converged, "likelihood": likelihood,
+                                      "train_data": info["train_data"], "test_data": str(Path(test_data).resolve()),
+                                      "wall_s": wall, "settings": asdict(settings)}
+    attrs = {"method": "emc", "run": int(run), "step": iteration, "seed": seed}
+    _write_poses(out / "poses_test.h5", R_test, attrs | {"dataset": str(Path(test_data).resolve()),
+                                                         "so3_level": final_level})
+    R_train = quaternion_to_matrix(so3_grid(best_level)[best])
+    _write_poses(out / "poses_train.h5", R_train, attrs | {"dataset": info["train_data"], "so3_level": best_level})
+    _write_volume(out, emc.volume, grid, prov)
+    _write_metrics_csv(out / "metrics.csv", rows)
+    write_run_metadata(out, cfg, seed)
+    write_json(out / "provenance.json", prov)
+    return out
+
+
+def _all_orientations(dataset: Any, block: int = 65536) -> torch.Tensor:
+    return torch.cat([dataset.read(s, min(s + block, len(dataset)))["orientations"] for s in range(0, len(dataset), block)])
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``xrai emc`` (settings come from the config's ``emc`` section)."""
+    parser.add_argument("--run", type=int, default=0, help="run number k (seed = emc.seed + k)")
+    parser.add_argument("--train-data", required=True, metavar="H5", help="training dataset (xrai simulate)")
+    parser.add_argument("--test-data", required=True, metavar="H5", help="test dataset (matched against the final model)")
+    parser.add_argument("--out-dir", required=True, metavar="DIR", help="run directory (resumes from its checkpoint.pt)")
+
+
+def run(args: argparse.Namespace) -> None:
+    """``xrai emc``."""
+    from xrai.config import load_config
+
+    run_emc(load_config(args.config), args.run, args.train_data, args.test_data, args.out_dir)

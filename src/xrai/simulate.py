@@ -1,0 +1,362 @@
+"""Simulate an XFEL single-particle diffraction dataset to HDF5 (``xrai simulate``).
+
+The physics follows skopi (see :mod:`xrai.scattering` and :mod:`xrai.geometry`):
+
+1. the atoms of the structure (``xrai.structure.read_atoms``) are centred on their
+   electron-density centroid (:func:`xrai.scattering.molecule_centre`; the reference
+   density of :mod:`xrai.density` is centred the same way);
+2. ``|F|^2`` is computed once on a ``simulation.mesh_size``^3 mesh covering the detector's |q|;
+3. each image is a trilinear slice of the mesh at ``k = R @ q_pixel`` for a uniformly random
+   orientation, times ``fluence * r_e^2 * polarization * solid angle`` (photons);
+4. each image is scaled so that its total is at least ``simulation.min_total_intensity``
+   (the X-RAI paper's appendix A.1: 20,000 photons), the factor stored in ``scale``;
+5. optional Poisson noise (``simulation.poisson_noise``), in photons.
+
+Orientations and noise are reproducible from the split's seed alone (``simulation.seed``
+for every training set, ``simulation.test_seed`` for the test set), independent of the
+batch size and of sharding: image ``i`` always gets the same orientation, so a smaller
+training set is a prefix of a larger one, and the test set never overlaps them.
+
+Output (one file, or a master file of HDF5 virtual datasets over shards of
+``simulation.shard_size`` images in ``<name>_shards/``, reading as one dataset):
+``images`` (N, H, W) float32/float16 chunked in whole batches, ``orientations`` (N, 4)
+wxyz, ``scale`` (N,), ``pixel_position_reciprocal`` (H, W, 3) Angstrom^-1,
+``polarization`` and ``solid_angle`` (H, W), and attrs (geometry, beam, scaling, seed,
+version, resolved config). Files are written to a temporary name and renamed when
+complete; finished shards are reused when a killed job is restarted.
+
+Usage::
+
+    xrai simulate --config config/test.yaml --structure results/structures/2CEX_A.cif \\
+        --split train --n-images 2048 --out results/datasets/2CEX_A/train_2048.h5
+    xrai simulate --config config.yaml --plan        # disk needed per dataset
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xrai import __version__
+from xrai.dataset import DatasetWriter, write_sharded_master
+from xrai.errors import XraiError
+from xrai.geometry import Beam, Detector
+from xrai.io import atomic_path, provenance
+from xrai.rotations import random_quaternions
+from xrai.scattering import PatternSimulator, centred_positions, molecule_centre
+from xrai.utils import pick_device, resource_usage, set_cpu_threads
+
+logger = logging.getLogger(__name__)
+
+#: Orientations are drawn in blocks of this many images, each from its own seed.
+ORIENTATION_BLOCK = 4096
+#: Free space kept beyond the planned size when checking the disk.
+DISK_MARGIN_BYTES = 256 * 2**20
+_TEST_TAG = 0x7E57_5EED
+
+
+# --------------------------------------------------------------------------- seeds
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """A 64-bit mixing function (SplitMix64 finaliser): well-spread seeds from counters."""
+    z = (np.asarray(x, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15))
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def split_seed(cfg: dict, split: str) -> int:
+    """The seed of a split: ``simulation.seed`` (train) or ``simulation.test_seed`` (test)."""
+    sim = cfg["simulation"]
+    if split == "train":
+        return int(sim["seed"])
+    if split == "test":
+        return int(sim["test_seed"])
+    raise XraiError(f"split must be 'train' or 'test', got {split!r}")
+
+
+def _stream_base(seed: int, split: str, stream: int) -> int:
+    tag = _TEST_TAG if split == "test" else 0
+    return int(_splitmix64(np.uint64(seed) ^ np.uint64(tag) ^ (np.uint64(stream) << np.uint64(56))))
+
+
+def _torch_seed(x) -> int:
+    return int(np.uint64(x) >> np.uint64(1))  # manual_seed wants < 2**63
+
+
+def orientations_for(seed: int, split: str, start: int, stop: int) -> torch.Tensor:
+    """Uniform random unit quaternions (w, x, y, z), float64 ``(stop - start, 4)``, of images ``[start, stop)``.
+
+    Image ``i`` gets the same orientation whatever the batch size or the total count.
+    """
+    base = _stream_base(seed, split, 1)
+    out = []
+    for block in range(start // ORIENTATION_BLOCK, (stop - 1) // ORIENTATION_BLOCK + 1):
+        gen = torch.Generator().manual_seed(_torch_seed(_splitmix64(np.uint64(base) + np.uint64(block))))
+        q = random_quaternions(ORIENTATION_BLOCK, generator=gen)
+        b0 = block * ORIENTATION_BLOCK
+        out.append(q[max(start, b0) - b0: min(stop, b0 + ORIENTATION_BLOCK) - b0])
+    return torch.cat(out)
+
+
+def _add_poisson_noise(images: torch.Tensor, seed: int, split: str, start: int) -> torch.Tensor:
+    base = np.uint64(_stream_base(seed, split, 2))
+    seeds = _splitmix64(base + np.arange(start, start + len(images), dtype=np.uint64))
+    out = torch.empty_like(images)
+    gen = torch.Generator()
+    for i, s in enumerate(seeds):  # one stream per image: independent of the batch size
+        gen.manual_seed(_torch_seed(s))
+        out[i] = torch.poisson(images[i], generator=gen)
+    return out
+
+
+# --------------------------------------------------------------------------- disk plan
+def dataset_bytes(cfg: dict, n_images: int) -> int:
+    """Bytes of one dataset of ``n_images`` (uncompressed: an upper bound with compression)."""
+    n = int(cfg["detector"]["n_pixels"])
+    itemsize = 2 if cfg["simulation"].get("dtype", "float32") == "float16" else 4
+    per_image = n * n * itemsize + 4 * 8 + 4  # image, orientation (float64), scale
+    per_file = n * n * (3 * 4 + 4 + 8) + 64 * 1024  # pixel q, polarization, solid angle, metadata
+    n_files = 1 + (-(-n_images // int(cfg["simulation"]["shard_size"])) if n_images > cfg["simulation"]["shard_size"] else 0)
+    return int(n_images) * per_image + n_files * per_file
+
+
+def planned_bytes(cfg: dict) -> dict[str, int]:
+    """Bytes of every dataset of one protein: ``{'train_50000': ..., 'test_10000': ...}``."""
+    sim = cfg["simulation"]
+    plan = {f"train_{n}": dataset_bytes(cfg, int(n)) for n in sim["train_sizes"]}
+    plan[f"test_{sim['test_size']}"] = dataset_bytes(cfg, int(sim["test_size"]))
+    return plan
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(nbytes) < 1000 or unit == "TB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
+        nbytes /= 1000.0
+    return f"{nbytes:.1f} TB"
+
+
+def disk_plan_table(cfg: dict) -> str:
+    """A Markdown table of the bytes per dataset and the total over the config's proteins."""
+    from xrai.config import protein_entries
+
+    proteins = list(protein_entries(cfg))
+    plan = planned_bytes(cfg)
+    n = cfg["detector"]["n_pixels"]
+    lines = [f"| dataset ({n}x{n} px, {cfg['simulation'].get('dtype', 'float32')}) | bytes | size |", "|---|---:|---:|"]
+    lines += [f"| {name}.h5 | {b} | {_human(b)} |" for name, b in plan.items()]
+    total = sum(plan.values())
+    lines.append(f"| per protein | {total} | {_human(total)} |")
+    lines.append(f"| all {len(proteins)} proteins ({', '.join(proteins)}) | {total * len(proteins)} | {_human(total * len(proteins))} |")
+    return "\n".join(lines)
+
+
+def check_disk_space(directory: str | Path, needed: int, what: str) -> None:
+    """Refuse (XraiError with the numbers) when ``directory`` has less than ``needed`` bytes free (plus a margin)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(d).free
+    if needed + DISK_MARGIN_BYTES > free:
+        raise XraiError(
+            f"{what}: needs {_human(needed)} ({needed} bytes) + {_human(DISK_MARGIN_BYTES)} margin, "
+            f"but only {_human(free)} ({free} bytes) are free in {d}")
+
+
+# --------------------------------------------------------------------------- simulation
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(2**20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_atoms(structure: Path) -> tuple[np.ndarray, list[str]]:
+    from xrai.structure import read_atoms
+
+    positions, elements = read_atoms(structure)
+    if len(positions) == 0:
+        raise XraiError(f"{structure}: no atoms")
+    return positions, elements
+
+
+def simulate_dataset(
+    cfg: dict,
+    structure_cif: str | Path,
+    split: str,
+    n_images: int,
+    out_h5: str | Path,
+) -> dict:
+    """Simulate ``n_images`` images of ``structure_cif`` for ``split`` into ``out_h5``; return a summary dict.
+
+    See the module docstring for the physics, seeds and file layout. Raises XraiError
+    for a bad split / size, a missing or unreadable structure, or too little disk space.
+    """
+    if n_images < 1:
+        raise XraiError(f"--n-images must be >= 1, got {n_images}")
+    sim_cfg = cfg["simulation"]
+    seed = split_seed(cfg, split)
+    structure = Path(structure_cif)
+    out = Path(out_h5)
+    det, beam = Detector.from_config(cfg), Beam.from_config(cfg)
+    dtype = sim_cfg.get("dtype", "float32")
+    batch = int(sim_cfg.get("batch_size", 256))
+    shard_size = int(sim_cfg.get("shard_size", 1_000_000))
+    min_total = float(sim_cfg.get("min_total_intensity", 20000))
+    noise = bool(sim_cfg.get("poisson_noise", False))
+    device = pick_device(sim_cfg.get("device", "auto"))
+    if device.type == "cpu":
+        set_cpu_threads(0)
+
+    positions, elements = _read_atoms(structure)
+    centre = molecule_centre(positions, elements)
+    pos = centred_positions(positions, elements)
+    sha = _file_sha256(structure)
+
+    # shards: contiguous ranges of images, each its own file
+    if n_images > shard_size:
+        shard_dir = out.parent / f"{out.stem}_shards"
+        ranges = [(s, min(s + shard_size, n_images)) for s in range(0, n_images, shard_size)]
+        files = [shard_dir / f"shard{k:03d}.h5" for k in range(len(ranges))]
+    else:
+        ranges, files = [(0, n_images)], [out]
+
+    attrs = {
+        "format": "xrai diffraction dataset v1",
+        "split": split,
+        "n_images": int(n_images),
+        "seed": seed,
+        "detector": det.to_dict(),
+        "beam": beam.to_dict(),
+        "mesh_size": int(sim_cfg["mesh_size"]),
+        "scaling": {"min_total_intensity": min_total, "poisson_noise": noise, "unit": "photons",
+                    "intensity": "|F|^2 * fluence * r_e^2 * polarization * solid_angle * scale"},
+        "structure": str(structure),
+        "structure_sha256": sha,
+        "n_atoms": len(elements),
+        "centre_A": centre.tolist(),
+        "centring": "electron-density centroid (sum Z_j r_j / sum Z_j) moved to the origin",
+        "orientation_convention": "unit quaternion (w, x, y, z), w >= 0; image samples k = R @ q_pixel",
+        "image_layout": "[row=y, col=x], skopi SimpleSquareDetector panel layout",
+        "xrai_version": __version__,
+        "config": cfg,
+        "provenance": provenance(None, seed),
+    }
+    key_src = {k: attrs[k] for k in ("split", "seed", "detector", "beam", "mesh_size", "scaling", "structure_sha256", "xrai_version")}
+    key_src["dtype"], key_src["compression"] = dtype, sim_cfg.get("compression", "none")
+
+    def shard_key(rng: tuple[int, int]) -> str:
+        return hashlib.sha256(json.dumps({**key_src, "range": rng}, sort_keys=True).encode()).hexdigest()
+
+    todo = [(rng, f) for rng, f in zip(ranges, files, strict=True) if not (len(files) > 1 and _shard_done(f, shard_key(rng)))]
+    if len(todo) < len(files):
+        logger.info("%s: reusing %d finished shards", out, len(files) - len(todo))
+    n_todo = sum(b - a for (a, b), _ in todo)
+    needed = int(dataset_bytes(cfg, n_images) * n_todo / n_images)
+    check_disk_space(out.parent, needed, f"simulating {n_images} images into {out}")
+
+    t0 = time.perf_counter()
+    simulator = PatternSimulator.from_atoms(pos, elements, det, beam, int(sim_cfg["mesh_size"]), device=device)
+    t_mesh = time.perf_counter() - t0
+    logger.info("%s: |F|^2 of %d atoms on a %d^3 mesh in %.1f s on %s", structure.name, len(elements),
+                sim_cfg["mesh_size"], t_mesh, device)
+
+    t1 = time.perf_counter()
+    done = 0
+    for (a, b), f in todo:
+        with atomic_path(f) as tmp, DatasetWriter(
+            tmp, b - a, det.shape,
+            pixel_position_reciprocal=simulator.q_pixel.cpu(),
+            polarization=det.polarization(beam), solid_angle=det.solid_angle(),
+            dtype=dtype, chunk_rows=batch, compression=sim_cfg.get("compression", "none"),
+        ) as writer:
+            for s in range(a, b, batch):
+                e = min(s + batch, b)
+                images, scale = _simulate_batch(simulator, seed, split, s, e, min_total, noise)
+                if dtype == "float16" and float(images.max()) > 65504:
+                    raise XraiError(
+                        f"simulation.dtype float16 cannot hold pixel values up to {float(images.max()):.0f}; "
+                        "use float32 or a smaller simulation.min_total_intensity")
+                writer.write(s - a, images, orientations_for(seed, split, s, e), scale)
+                done += e - s
+                _log_progress(out, done, done - (e - s), n_todo, t1)
+            writer.set_attrs(**attrs, shard_range=[a, b], shard_key=shard_key((a, b)))
+    if len(files) > 1:
+        write_sharded_master(out, files, attrs={**attrs, "chunk_rows": batch})
+    seconds = time.perf_counter() - t1
+    summary = {
+        "out": str(out), "n_images": n_images, "simulated": done, "mesh_seconds": t_mesh, "seconds": seconds,
+        "images_per_s": done / seconds if seconds > 0 else float("inf"), "shards": len(files) if len(files) > 1 else 0,
+        **resource_usage(device),
+    }
+    logger.info("%s: %d images in %.1f s (%.0f images/s), peak RSS %.0f MB", out, done, seconds,
+                summary["images_per_s"], summary["peak_rss_mb"])
+    return summary
+
+
+def _simulate_batch(simulator: PatternSimulator, seed: int, split: str, start: int, stop: int,
+                    min_total: float, noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    quats = orientations_for(seed, split, start, stop)
+    images = simulator.patterns(quats)
+    totals = images.sum(dim=(-2, -1), dtype=torch.float64)
+    scale = torch.clamp(min_total / totals.clamp_min(1e-300), min=1.0)
+    images = images.mul_(scale[:, None, None].float()).cpu()
+    scale = scale.cpu()
+    if noise:
+        images = _add_poisson_noise(images, seed, split, start)
+    return images, scale
+
+
+def _log_progress(out: Path, done: int, previous: int, total: int, t0: float) -> None:
+    step = max(1, total // 10)  # about ten lines per dataset
+    if done == total or done // step > previous // step:
+        rate = done / max(time.perf_counter() - t0, 1e-9)
+        logger.info("%s: %d / %d images (%.0f images/s, %.0f s left)", out.name, done, total, rate, (total - done) / rate)
+
+
+def _shard_done(path: Path, key: str) -> bool:
+    import h5py
+
+    if not path.exists():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("shard_key") == key
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``xrai simulate`` (``--config`` is added by xrai.cli)."""
+    parser.add_argument("--structure", metavar="CIF", help="atoms to simulate (mmCIF/PDB from xrai fetch)")
+    parser.add_argument("--split", choices=["train", "test"], help="train uses simulation.seed, test simulation.test_seed")
+    parser.add_argument("--n-images", type=int, metavar="N", help="number of images")
+    parser.add_argument("--out", metavar="H5", help="output HDF5 dataset")
+    parser.add_argument("--plan", action="store_true", help="only print the disk plan (bytes per dataset) of the config")
+
+
+def run(args: argparse.Namespace) -> None:
+    """``xrai simulate``: one dataset, or ``--plan``."""
+    from xrai.config import load_config
+
+    cfg = load_config(args.config)
+    if args.plan:
+        print(disk_plan_table(cfg))
+        return
+    missing = [opt for opt, v in (("--structure", args.structure), ("--split", args.split),
+                                  ("--n-images", args.n_images), ("--out", args.out)) if v is None]
+    if missing:
+        raise XraiError(f"missing option(s) {', '.join(missing)} (or use --plan)")
+    summary = simulate_dataset(cfg, args.structure, args.split, args.n_images, args.out)
+    logger.info("summary: %s", json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()}))
+
