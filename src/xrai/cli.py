@@ -119,7 +119,14 @@ def run_from_snakemake(smk: object, command: str, args: Sequence[str]) -> None:
 
     import yaml
 
+    import os
+
     log = list(getattr(smk, "log", []))
+    # Jobs sharing a machine must not each take every core: a rule's `threads` is its CPU budget.
+    os.environ["XRAI_THREADS"] = str(max(1, int(getattr(smk, "threads", 1))))
+    from xrai.utils import set_cpu_threads
+
+    set_cpu_threads(0)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="xrai-config-", delete=False) as fh:
         yaml.safe_dump(dict(smk.config), fh, sort_keys=False)
         cfg_path = fh.name
@@ -127,8 +134,6 @@ def run_from_snakemake(smk: object, command: str, args: Sequence[str]) -> None:
         argv = [command, "--config", cfg_path, *([f"--log={log[0]}"] if log else []), *map(str, args)]
         code = main(argv)
     finally:
-        import os
-
         os.unlink(cfg_path)
     if code:
         raise SystemExit(code)

@@ -33,7 +33,10 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def set_cpu_threads(n: int = 0) -> int:
-    """Use ``n`` intra-op threads (0: the CPUs this job may use, e.g. Slurm's cpus-per-task)."""
+    """Use ``n`` intra-op threads. 0: ``XRAI_THREADS`` (set from a Snakemake rule's ``threads``),
+    else the CPUs this process may use (e.g. Slurm's cpus-per-task)."""
+    if n <= 0:
+        n = int(os.environ.get("XRAI_THREADS", "0") or 0)
     if n <= 0:
         try:
             n = len(os.sched_getaffinity(0))
