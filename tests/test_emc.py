@@ -165,7 +165,8 @@ def test_random_start_converges_to_the_true_intensity(test_scale):
     ds = DiffractionDataset(test_scale["train"])
     emc = _emc(cfg, ds, likelihood="gaussian")
     emc.initialize(ds, torch.Generator().manual_seed(0))
-    schedule = [(1, 0.3)] * 5 + [(2, 0.6)] * 3
+    # config/test.yaml's schedule: deterministic annealing on the coarse grid, then the finer grid
+    schedule = [(1, min(1.0, 0.05 * 1.4**i)) for i in range(12)] + [(2, 1.0)] * 3
     for level, beta in schedule:
         result = emc.iterate(ds, level, beta)
     R_true = quaternion_to_matrix(ds.read(0, len(ds))["orientations"].double())

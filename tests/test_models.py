@@ -148,3 +148,11 @@ def test_autoencoder_without_encoder_needs_poses():
     model = Autoencoder(FourierNet(q_max=0.1, width=16), E)
     with pytest.raises(ValueError, match="poses"):
         model(torch.rand(2, 16, 16))
+
+
+def test_separable_pyramid_equals_the_2d_convolution():
+    pyr = GaussianPyramid(kernel_size=11, num_octaves=4)
+    x = torch.rand(3, 1, 24, 20, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    pyr = pyr.double()
+    direct = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (5, 5, 5, 5), mode="reflect"), pyr.kernels.double())
+    torch.testing.assert_close(pyr(x)[:, 1:], direct)

@@ -143,7 +143,7 @@ def dry_run_jobs(output: str) -> list[dict]:
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """The one-node test cluster, started (and stopped afterwards) unless it already runs."""
-    if shutil.which("slurmctld") is None:
+    if shutil.which("slurmctld", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin") is None:
         msg = "Slurm is not installed: run `sudo tests/slurm/install.sh`"
         if in_ci():
             pytest.fail(f"{msg} (CI=true: the Slurm tests must run in CI, see .ci/run)")

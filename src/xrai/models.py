@@ -61,12 +61,16 @@ class GaussianPyramid(nn.Module):
         self.kernel_size = kernel_size
         self.num_octaves = num_octaves
         r = torch.arange(kernel_size, dtype=torch.float64) - kernel_size // 2
-        r2 = r[:, None] ** 2 + r[None, :] ** 2
-        kernels = [torch.exp(-r2 / (2 * PYRAMID_BASE_VARIANCE * PYRAMID_OCTAVE_SCALING**i))
-                   for i in range(1, num_octaves + 1)]
-        k = torch.stack(kernels) if kernels else torch.zeros(0, kernel_size, kernel_size, dtype=torch.float64)
-        k = k / k.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-30)
-        self.register_buffer("kernels", k[:, None].float(), persistent=False)
+        # a 2D Gaussian is the product of two 1D ones: filter rows then columns (22 instead of 121 MACs per pixel)
+        k1 = torch.stack([torch.exp(-r**2 / (2 * PYRAMID_BASE_VARIANCE * PYRAMID_OCTAVE_SCALING**i))
+                          for i in range(1, num_octaves + 1)]) if num_octaves else torch.zeros(0, kernel_size)
+        k1 = k1 / k1.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        self.register_buffer("kernels_1d", k1.float(), persistent=False)
+
+    @property
+    def kernels(self) -> torch.Tensor:
+        """The 2D kernels (num_octaves, 1, k, k), each normalised to sum 1."""
+        return (self.kernels_1d[:, :, None] * self.kernels_1d[:, None, :])[:, None]
 
     @property
     def out_channels(self) -> int:
@@ -79,7 +83,11 @@ class GaussianPyramid(nn.Module):
         p = self.kernel_size // 2
         # reflect padding needs p < H; clamp for tiny images (edge padding beyond that)
         mode = "reflect" if p < min(x.shape[-2:]) else "replicate"
-        blurred = F.conv2d(F.pad(x, (p, p, p, p), mode=mode), self.kernels.to(x.dtype))
+        k1 = self.kernels_1d.to(x.dtype)
+        n = k1.shape[0]
+        padded = F.pad(x, (p, p, p, p), mode=mode)
+        rows = F.conv2d(padded, k1[:, None, None, :])  # (B, n, H + 2p, W)
+        blurred = F.conv2d(rows, k1[:, None, :, None], groups=n)  # (B, n, H, W)
         return torch.cat([x, blurred], dim=1)
 
 

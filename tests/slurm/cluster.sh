@@ -25,6 +25,7 @@ PARTITION=debug
 START_TIMEOUT=60
 
 unset SLURM_CONF  # every command here must read $CONF, like the jobs do
+export PATH="$PATH:/usr/sbin:/sbin"  # the daemons live in /usr/sbin
 
 die() { echo "cluster.sh: $*" >&2; exit 1; }
 

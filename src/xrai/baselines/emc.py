@@ -89,7 +89,7 @@ CHECKPOINT_FORMAT = 1
 LIKELIHOODS = ("auto", "poisson", "gaussian")
 #: columns of metrics.csv (``step`` = iteration; test_pose_* only on the final row)
 METRIC_COLUMNS = (
-    "step", "level", "n_orientations", "beta", "log_likelihood", "objective", "model_change", "step_length",
+    "step", "level", "n_orientations", "beta", "log_likelihood", "objective", "model_change", "merge_step", "mm_step",
     "mean_max_probability", "train_pose_median_deg", "iteration_s", "wall_s", "rss_mb",
     "test_pose_median_deg", "test_pose_mse_deg2", "test_pose_frac_within_5",
 )
@@ -120,10 +120,10 @@ class EMCSettings:
 
     n_iterations: int = 30
     levels: list[int] = field(default_factory=lambda: [1, 2, 3])
-    level_iterations: list[int] = field(default_factory=lambda: [8, 8])
-    beta_start: float = 0.3
-    beta_factor: float = 2.0
-    beta_every: int = 8
+    level_iterations: list[int] = field(default_factory=lambda: [12, 4])
+    beta_start: float = 0.05
+    beta_factor: float = 1.4
+    beta_every: int = 1
     beta_max: float = 1.0
     likelihood: str = "auto"
     per_image_scale: bool = False
@@ -201,7 +201,8 @@ class IterationResult:
     log_likelihood: float
     objective: float
     model_change: float
-    step_length: float
+    merge_step: float  # step along the merge direction
+    mm_step: float  # step along the majorise-minimise (preconditioned gradient) direction
     mean_max_probability: float
     best: torch.Tensor  # (N,) index of the most likely orientation of every image
     seconds: float
@@ -302,21 +303,24 @@ class ExpandMaximizeCompress:
             out[s:s + step] = vals.reshape(-1, self.q.shape[0]) * self.c
         return out
 
-    def merge(self, rotations: torch.Tensor, values: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Trilinear insertion (the adjoint of :meth:`expand` without ``c``) of ``values`` and ``weights`` (M, P).
+    def merge(self, rotations: torch.Tensor, *channels: torch.Tensor) -> list[torch.Tensor]:
+        """Trilinear insertion (the adjoint of :meth:`expand` without ``c``) of each ``(M, P)`` channel.
 
-        Returns the two volumes ``(sum values, sum weights)``, like :func:`xrai.volume.insert_trilinear`.
+        Returns one volume per channel, each what :func:`xrai.volume.insert_trilinear` adds
+        (channels broadcast to ``(M, P)``, e.g. per-orientation weights ``(M, 1)``).
         """
         step = max(1, _POINTS_PER_CALL // self.q.shape[0])
-        probe = torch.zeros((1, 2, *self.volume.shape), device=self.device, requires_grad=True)
-        total = torch.zeros((2, *self.volume.shape), device=self.device)
+        k = len(channels)
+        probe = torch.zeros((1, k, *self.volume.shape), device=self.device, requires_grad=True)
+        total = torch.zeros((k, *self.volume.shape), device=self.device)
+        shape = (rotations.shape[0], self.q.shape[0])
         with torch.enable_grad():
             for s in range(0, rotations.shape[0], step):
                 out = self._interpolate(probe, self._sample_coords(rotations[s:s + step]))
-                grad_out = torch.stack([values[s:s + step], weights[s:s + step].expand_as(values[s:s + step])])
+                grad_out = torch.stack([ch.expand(shape)[s:s + step] for ch in channels])
                 (g,) = torch.autograd.grad(out, probe, grad_out.reshape(out.shape))
                 total += g[0]
-        return total[0], total[1]
+        return list(total)
 
     def slices(self, level: int) -> torch.Tensor:
         """Slices of the current model at ``level`` (cached until the model changes)."""
@@ -440,45 +444,62 @@ class ExpandMaximizeCompress:
             del L, phi, prob
         if n == 0:
             raise XraiError("EMC: the training dataset holds no images")
-        change, alpha = self._compress(rot, W, S, d, T, n)
-        return IterationResult(ll_sum / n, obj_sum / n, change, alpha, pmax_sum / n, best_all,
+        change, a, b = self._compress(rot, W, S, d, T, n)
+        return IterationResult(ll_sum / n, obj_sum / n, change, a, b, pmax_sum / n, best_all,
                                time.perf_counter() - t0)
 
     # ---------------------------------------------------------------- compress
     def _compress(self, rot: torch.Tensor, W: torch.Tensor, S: torch.Tensor, d: torch.Tensor, T: torch.Tensor,
-                  n: int) -> tuple[float, float]:
-        """Merge, line-search the step, update the model (and the Gaussian's variances). Returns (change, step)."""
+                  n: int) -> tuple[float, float, float]:
+        """The M-step: update the model (and the Gaussian's variances). Returns (change, merge step, MM step).
+
+        Two search directions, both from one trilinear insertion (three channels):
+
+        * the merge (Dragonfly's compress): the probability-weighted mean of the images,
+          inserted trilinearly, minus the current model: large, fast early steps, but not
+          always uphill once the model is sharp (interpolation is not the identity);
+        * the majorise-minimise step, always uphill: the gradient of the expected
+          complete-data log-likelihood divided by the same insertion weights (Gaussian: the
+          weights are the Hessian's row sums, since trilinear weights sum to 1; Poisson: the
+          Richardson-Lucy / ML-EM multiplicative update).
+
+        The step along both is the exact maximiser of that expected log-likelihood
+        (Gaussian: a 2 x 2 linear solve, the slices being linear in the model; Poisson:
+        the better of the two bracketed line searches on [0, 1]), so it never decreases.
+        """
         gaussian = self.likelihood == "gaussian"
         df = d.float()
-        inv_var = (1.0 / self.sigma2[self.shell]).float() if gaussian else torch.ones_like(self.c)
-        # merge: trilinear insertion of the weighted image sums and of their weights, Friedel-symmetrised
+        c = self.c
         if gaussian:
-            num, den = self.merge(rot, S * (self.c * inv_var), df[:, None] * (self.c * self.c * inv_var))
+            inv_var = (1.0 / self.sigma2[self.shell]).float()
+            resid = S - df[:, None] * W  # sigma^2 x dQ/dW
+            num, grad, den = self.merge(rot, S * (c * inv_var), resid * (c * inv_var), df[:, None] * (c * c * inv_var))
         else:
-            num, den = self.merge(rot, S, df[:, None] * self.c)
-        num, den = friedel_symmetrize(num), friedel_symmetrize(den)
+            floor = _POISSON_FLOOR * float(W.mean().clamp_min(1e-30))
+            num, grad, den = self.merge(rot, S, c * (S / W.clamp_min(floor) - df[:, None]), df[:, None] * c)
+        num, grad, den = friedel_symmetrize(num), friedel_symmetrize(grad), friedel_symmetrize(den)
         observed = den > 1e-12 * float(den.max().clamp_min(1e-30))
-        merged = torch.where(observed, num / den.clamp_min(1e-30), self.volume)
-        # exact line search on V_old + alpha (V_merged - V_old), alpha in [0, 1]: the slices are linear in V
-        delta_v = merged - self.volume
-        dW = self.expand(delta_v, rot)
+        safe = den.clamp_min(1e-30)
+        zero = torch.zeros_like(self.volume)
+        d_merge = torch.where(observed, num / safe - self.volume, zero)
+        d_mm = torch.where(observed, grad / safe * (1.0 if gaussian else self.volume), zero)
+        dW1, dW2 = self.expand(d_merge, rot), self.expand(d_mm, rot)
         if gaussian:
-            g = float(((S - df[:, None] * W) * dW * inv_var).double().sum())
-            h = float((df[:, None] * dW * dW * inv_var).double().sum())
-            alpha = 0.0 if g <= 0 or h <= 0 else min(1.0, g / h)
+            a, b = _quadratic_steps(resid, dW1, dW2, df, inv_var)
         else:
-            alpha = _poisson_step(W, dW, S, df)
+            a, b = _poisson_steps(W, dW1, dW2, S, df)
         old_norm = float(self.volume.double().norm())
-        self.volume = self.volume + alpha * delta_v
-        W_new = W + alpha * dW
-        change = alpha * float(delta_v.double().norm()) / max(old_norm, 1e-30)
+        delta = a * d_merge + b * d_mm
+        self.volume = self.volume + delta
+        W_new = W + a * dW1 + b * dW2
+        change = float(delta.double().norm()) / max(old_norm, 1e-30)
         if gaussian:  # EM update of the shell variances: mean expected squared residual
-            resid = T - 2 * (S * W_new).double().sum(0) + (d[:, None] * W_new.double() ** 2).sum(0)
-            sigma2 = self._shell_sum(resid) / (n * self.shell_count.clamp_min(1))
+            resid2 = T - 2 * (S * W_new).double().sum(0) + (d[:, None] * W_new.double() ** 2).sum(0)
+            sigma2 = self._shell_sum(resid2) / (n * self.shell_count.clamp_min(1))
             mean_sq = self._shell_sum(T) / (n * self.shell_count.clamp_min(1))
             self.sigma2 = torch.maximum(sigma2, _SIGMA2_FLOOR * mean_sq).clamp_min(1e-30)
         self._slices = (self._slices[0], W_new) if self._slices is not None else None
-        return change, alpha
+        return change, a, b
 
     # ---------------------------------------------------------------- matching
     @torch.no_grad()
@@ -515,6 +536,58 @@ def _softmax(x: torch.Tensor, prob: bool = True) -> tuple[torch.Tensor | None, t
     total = e.sum(dim=1, keepdim=True)
     log_norm = (m + torch.log(total)).squeeze(1).double()
     return (e.div_(total) if prob else None), log_norm
+
+
+def _quadratic_steps(resid: torch.Tensor, dW1: torch.Tensor, dW2: torch.Tensor, d: torch.Tensor,
+                     inv_var: torch.Tensor, max_step: float = 1.0) -> tuple[float, float]:
+    """Maximiser ``(a, b)`` in ``[0, max_step]^2`` of the Gaussian expected log-likelihood along ``a dW1 + b dW2``.
+
+    ``Q(a, b) - Q(0) = g . x - x^T H x / 2`` (a concave quadratic) with ``g_k = sum resid dW_k / sigma^2``
+    and ``H_kl = sum d dW_k dW_l / sigma^2``: the best of the interior solution and the
+    maximisers on the box's edges, so the gain is >= 0 (x = 0 is a candidate).
+    """
+    def dot(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> float:
+        return float((x * y * weight).double().sum())
+
+    dcol = d[:, None]
+    g1, g2 = dot(resid, dW1, inv_var), dot(resid, dW2, inv_var)
+    h11, h22, h12 = dot(dW1 * dcol, dW1, inv_var), dot(dW2 * dcol, dW2, inv_var), dot(dW1 * dcol, dW2, inv_var)
+
+    def gain(a: float, b: float) -> float:
+        return g1 * a + g2 * b - 0.5 * (h11 * a * a + 2 * h12 * a * b + h22 * b * b)
+
+    def clip(x: float) -> float:
+        return min(max(x, 0.0), max_step) if math.isfinite(x) else 0.0
+
+    cands = [(0.0, 0.0)]
+    det = h11 * h22 - h12 * h12
+    if det > 0:
+        cands.append((clip((h22 * g1 - h12 * g2) / det), clip((h11 * g2 - h12 * g1) / det)))
+    for fixed in (0.0, max_step):  # edges: one step fixed, the other at its clipped optimum
+        if h22 > 0:
+            cands.append((fixed, clip((g2 - h12 * fixed) / h22)))
+        if h11 > 0:
+            cands.append((clip((g1 - h12 * fixed) / h11), fixed))
+    return max(cands, key=lambda ab: gain(*ab))
+
+
+def _poisson_steps(W: torch.Tensor, dW1: torch.Tensor, dW2: torch.Tensor, S: torch.Tensor,
+                   d: torch.Tensor) -> tuple[float, float]:
+    """The better of the two line searches on [0, 1] of ``f = sum S log W - d W`` along ``dW1`` or ``dW2``."""
+    floor = _POISSON_FLOOR * float(W.mean().clamp_min(1e-30))
+
+    def gain(dW: torch.Tensor, a: float) -> float:
+        if a == 0.0:
+            return 0.0
+        ratio = (W + a * dW).clamp_min(floor) / W.clamp_min(floor)
+        return float((S * torch.log(ratio)).double().sum()) - a * float((d[:, None] * dW).double().sum())
+
+    a = _poisson_step(W, dW1, S, d)
+    b = _poisson_step(W, dW2, S, d)
+    ga, gb = gain(dW1, a), gain(dW2, b)
+    if max(ga, gb) <= 0:
+        return 0.0, 0.0
+    return (a, 0.0) if ga >= gb else (0.0, b)
 
 
 def _poisson_step(W: torch.Tensor, dW: torch.Tensor, S: torch.Tensor, d: torch.Tensor, n_bisect: int = 30) -> float:
@@ -694,7 +767,7 @@ def run_emc(
             wall = wall_before + time.perf_counter() - t_start
             row = {"step": iteration, "level": level, "n_orientations": grid_size(level), "beta": beta,
                    "log_likelihood": res.log_likelihood, "objective": res.objective,
-                   "model_change": res.model_change, "step_length": res.step_length,
+                   "model_change": res.model_change, "merge_step": res.merge_step, "mm_step": res.mm_step,
                    "mean_max_probability": res.mean_max_probability,
                    "train_pose_median_deg": _pose_summary(best[:n_pose], level, quats_train)["median_deg"],
                    "iteration_s": res.seconds, "wall_s": wall, "rss_mb": resource_usage(device)["rss_mb"]}
@@ -704,9 +777,9 @@ def run_emc(
                 converged = res.model_change < settings.tolerance and ll_change < settings.tolerance
             rows.append(row)
             logger.info("iteration %d/%d: level %d (%d orientations), beta %.3g | log-lik %.6g/image, model change "
-                        "%.2e, step %.2f, max prob %.3f | train pose median %.2f deg | %.1f s | rss %.0f MB%s",
+                        "%.2e, steps %.2f / %.2f, max prob %.3f | train pose median %.2f deg | %.1f s | rss %.0f MB%s",
                         iteration, settings.n_iterations, level, grid_size(level), beta, res.log_likelihood,
-                        res.model_change, res.step_length, res.mean_max_probability,
+                        res.model_change, res.merge_step, res.mm_step, res.mean_max_probability,
                         row["train_pose_median_deg"], res.seconds, row["rss_mb"], " | converged" if converged else "")
             checkpoint()
             if iteration_callback is not None:

@@ -1,0 +1,313 @@
+"""Convergence benchmark: minutes and steps to a median test pose error below 10, 5 and 2 degrees.
+
+Runs ``xrai train`` (the same entry point as the pipeline) on the demo dataset (config/demo.yaml:
+2CEX_A, 32 px, 16,384 train / 10,000 test images, noise-free) for
+
+* ``xrai`` (the default recipe, src/xrai/abinitio.py), for several seeds;
+* ``xrai-paper`` (the X-RAI paper's recipe);
+* ``known-pose`` (the paper's decoder with the true rotations: the resolution bound);
+* ablations of ``xrai``, each with one ingredient removed (``--ablations``);
+
+each in its own process with one CPU thread (``--threads``) and the allocator settings of
+docs/method.md, and prints one table row per run: steps, wall-clock minutes and CPU minutes
+to < 10, < 5, < 2 degrees (median over ``train.eval_images`` test images, evaluated every
+``--eval-every`` steps), the final median / fractions over *all* test images (the poses
+file), and the resolution of the amplitude volume against the true one (the shell where
+the amplitude shell correlation, after the global rotation found by the pose metric,
+first falls below 0.5; Angstrom). Wall-clock times include the periodic evaluations and
+depend on what else the machine runs; CPU minutes are the process's own (user + system).
+
+Usage::
+
+    python bench/convergence.py --work /tmp/conv --seeds 0 1 2 --markdown docs/bench-convergence.md
+    python bench/convergence.py --work /tmp/conv --only xrai --seeds 0 --steps 2000
+    python bench/convergence.py --work /tmp/conv --protein 4AKE --only xrai --seeds 0
+
+The datasets (fetch, simulate, reference) are made in ``--work`` when missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+THRESHOLDS = (10.0, 5.0, 2.0)
+#: allocator and OpenMP settings (docs/method.md): fewer page faults, no spinning threads on a busy machine
+FAST_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": "33554432",
+    "MALLOC_TRIM_THRESHOLD_": "100000000000",
+    "MALLOC_TOP_PAD_": "1073741824",
+    "OMP_WAIT_POLICY": "PASSIVE",
+}
+#: ablations of the default recipe: name -> (what is removed, train.xrai overrides)
+ABLATIONS = {
+    "no-search": ("no grid search (encoder heads + refinement only)", {"search_steps": 0}),
+    "no-curriculum": ("all pixels from step 0", {"curriculum": [[0, 1.0]]}),
+    "one-head": ("1 encoder head instead of 8", {"heads": 1}),
+    "no-train-refine": ("no pattern-search refinement of the training targets", {"refine_deg": []}),
+}
+
+
+def xrai_cli() -> list[str]:
+    return [sys.executable, "-m", "xrai.cli"]
+
+
+def run_cmd(cmd: list[str], env: dict | None = None) -> None:
+    print("+", " ".join(map(str, cmd)), flush=True)
+    subprocess.run(cmd, check=True, env=env)
+
+
+def prepare_data(cfg_path: Path, work: Path, protein: str, env: dict) -> dict:
+    """Structure, train/test datasets and reference volumes of ``protein`` in ``work`` (made when missing)."""
+    cfg = yaml.safe_load(cfg_path.read_text())
+    n_train = int(cfg["simulation"]["train_sizes"][0])
+    n_test = int(cfg["simulation"]["test_size"])
+    d = work / "data" / protein
+    d.mkdir(parents=True, exist_ok=True)
+    paths = {"structure": d / f"{protein}.cif", "train": d / f"train_{n_train}.h5", "test": d / f"test_{n_test}.h5",
+             "density": d / "density.mrc", "intensity": d / "intensity.h5"}
+    base = xrai_cli()
+    if not paths["structure"].exists():
+        run_cmd(base + ["fetch", "--config", str(cfg_path), "--protein", protein, "--out", str(paths["structure"])], env)
+    for split, n in (("train", n_train), ("test", n_test)):
+        if not paths[split].exists():
+            run_cmd(base + ["simulate", "--config", str(cfg_path), "--structure", str(paths["structure"]),
+                            "--split", split, "--n-images", str(n), "--out", str(paths[split])], env)
+    if not paths["intensity"].exists():
+        run_cmd(base + ["reference", "--config", str(cfg_path), "--structure", str(paths["structure"]),
+                        "--density", str(paths["density"]), "--intensity", str(paths["intensity"])], env)
+    return paths
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    import psutil
+
+    try:
+        t = psutil.Process(pid).cpu_times()
+        return t.user + t.system
+    except psutil.Error:
+        return None
+
+
+def train_run(cfg: dict, method: str, seed: int, paths: dict, out: Path, threads: int, env: dict) -> dict:
+    """One ``xrai train`` process; returns its timeline: (wall, cpu) samples and the per-step log times."""
+    out.mkdir(parents=True, exist_ok=True)
+    run_cfg = copy.deepcopy(cfg)
+    run_cfg["train"]["seed"] = int(seed)
+    run_cfg["train"]["num_threads"] = int(threads)
+    run_cfg["train"]["methods"] = [{"name": method, "runs": 1}]
+    cfg_file = out / "bench_config.yaml"
+    cfg_file.write_text(yaml.safe_dump(run_cfg, sort_keys=False))
+    log = out / "train.log"
+    if (out / "metrics.csv").exists() and (out / "timeline.json").exists():
+        return json.loads((out / "timeline.json").read_text())
+    cmd = xrai_cli() + ["train", "--config", str(cfg_file), "--method", method, "--run", "0",
+                        "--train-data", str(paths["train"]), "--test-data", str(paths["test"]),
+                        "--out-dir", str(out), "--log", str(log)]
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, env=env)
+    samples = [(0.0, 0.0)]
+    while proc.poll() is None:
+        cpu = _cpu_seconds(proc.pid)
+        if cpu is not None:
+            samples.append((time.time() - t0, cpu))
+        time.sleep(2.0)
+    if proc.returncode != 0:
+        raise SystemExit(f"{method} seed {seed}: xrai train failed with exit code {proc.returncode}; see {log}")
+    # wall-clock time of every logged step (log lines carry second-resolution timestamps)
+    step_times = {}
+    for line in log.read_text().splitlines():
+        m = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\S* .*step (\d+)/(\d+)", line)
+        if m:
+            ts = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp()
+            step_times[int(m.group(2))] = ts - t0
+    timeline = {"samples": samples, "step_wall": step_times, "total_wall": time.time() - t0,
+                "total_cpu": samples[-1][1] if len(samples) > 1 else None}
+    (out / "timeline.json").write_text(json.dumps(timeline))
+    return timeline
+
+
+def _interp(x: float, xs: list[float], ys: list[float]) -> float:
+    if x <= xs[0]:
+        return ys[0]
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys, strict=True), zip(xs[1:], ys[1:], strict=True), strict=False):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / max(x1 - x0, 1e-9)
+    return ys[-1]
+
+
+def time_to_targets(out: Path, timeline: dict) -> dict:
+    """Steps, wall and CPU minutes at the first evaluation below each threshold (None: not reached)."""
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    evals = [(int(r["step"]), float(r["test_pose_median_deg"])) for r in rows if r.get("test_pose_median_deg")]
+    sw = {int(k): v for k, v in timeline["step_wall"].items()}
+    ws, cs = zip(*timeline["samples"], strict=True)
+    res = {"curve": []}
+    for step, med in evals:
+        wall = sw.get(step)
+        cpu = _interp(wall, list(ws), list(cs)) if wall is not None else None
+        res["curve"].append({"step": step, "median_deg": med, "wall_min": None if wall is None else wall / 60,
+                             "cpu_min": None if cpu is None else cpu / 60})
+    for thr in THRESHOLDS:
+        hit = next((c for c in res["curve"] if c["median_deg"] < thr), None)
+        res[f"lt{thr:g}"] = hit
+    return res
+
+
+def final_metrics(out: Path, paths: dict, method: str) -> dict:
+    """Test and train pose errors (all images) and the amplitude resolution against the truth."""
+    import h5py
+    import torch
+
+    from xrai.align import transform_volume
+    from xrai.evaluate import pose_error_summary, true_rotations
+    from xrai.metrics import pose_errors_deg, shell_correlation
+    from xrai.phasing import measured_mask
+    from xrai.volume import read_volume_h5
+
+    res: dict = {}
+    A = torch.eye(3, dtype=torch.float64)
+    if method != "known-pose":
+        res["test"] = pose_error_summary(out / "poses_test.h5", paths["test"])
+        res["train"] = pose_error_summary(out / "poses_train.h5", paths["train"])
+        with h5py.File(out / "poses_test.h5", "r") as f:
+            R_pred = torch.from_numpy(f["rotations"][...]).double()
+            index = torch.from_numpy(f["index"][...]).long()
+        _, A = pose_errors_deg(R_pred, true_rotations(paths["test"], index))
+    amp, grid = read_volume_h5(str(out / "intensity.h5"), "amplitude")
+    true_int, _ = read_volume_h5(str(paths["intensity"]), "intensity")
+    # learned V(k) = V_true(A k)  =>  V_true(k) = V(A^T k): transform_volume(vol, R) = vol(R^T x)
+    aligned = transform_volume(amp.double(), A)
+    inside = measured_mask(grid)
+    nan = torch.full_like(aligned, float("nan"))
+    asc = shell_correlation(torch.where(inside, aligned, nan), torch.where(inside, true_int.double().clamp_min(0).sqrt(), nan),
+                            grid)
+    res["asc"] = asc
+    res["resolution_A"] = asc_resolution(asc)
+    return res
+
+
+def asc_resolution(asc: dict, cutoff: float = 0.5) -> float:
+    """1 / q (Angstrom) where the amplitude shell correlation first falls below ``cutoff`` (linear between shells)."""
+    f, c = asc["freq_A_inv"], asc["corr"]
+    for i in range(1, len(c)):
+        if f[i] > 0 and c[i] < cutoff:
+            f0, c0 = f[i - 1], c[i - 1]
+            q = f0 + (f[i] - f0) * (c0 - cutoff) / max(c0 - c[i], 1e-12)
+            return 1.0 / q
+    return 1.0 / f[-1]
+
+
+def fmt(hit: dict | None, key: str) -> str:
+    if hit is None or hit.get(key) is None:
+        return "–"
+    return f"{hit[key]:.0f}" if key == "step" else f"{hit[key]:.1f}"
+
+
+def table(results: list[dict]) -> str:
+    head = ("| run | seed | steps | <10°: step / wall / CPU min | <5° | <2° | final test median ° | "
+            "within 2° / 5° / 10° | train median ° | resolution Å (ASC 0.5) | wall / CPU min |")
+    lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    for r in results:
+        cells = [r["label"], str(r["seed"]), str(r["steps"])]
+        for thr in THRESHOLDS:
+            hit = r["targets"].get(f"lt{thr:g}")
+            cells.append("not reached" if hit is None else f"{fmt(hit, 'step')} / {fmt(hit, 'wall_min')} / {fmt(hit, 'cpu_min')}")
+        fm = r["final"]
+        if "test" in fm and fm["test"]:
+            t = fm["test"]
+            cells += [f"{t['median_deg']:.2f}",
+                      f"{100 * t['frac_within_2']:.0f}% / {100 * t['frac_within_5']:.0f}% / {100 * t['frac_within_10']:.0f}%",
+                      f"{fm['train']['median_deg']:.2f}"]
+        else:
+            cells += ["n/a", "n/a", "n/a"]
+        cells.append(f"{fm['resolution_A']:.2f}")
+        tl = r["timeline"]
+        cells.append(f"{tl['total_wall'] / 60:.1f} / {(tl['total_cpu'] or 0) / 60:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(REPO / "config" / "demo.yaml"))
+    p.add_argument("--protein", default="2CEX_A")
+    p.add_argument("--work", default=str(REPO / "results" / "bench" / "convergence"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the default recipe")
+    p.add_argument("--only", nargs="+", choices=["xrai", "xrai-paper", "known-pose", "ablations"],
+                   default=["xrai", "xrai-paper", "known-pose", "ablations"])
+    p.add_argument("--steps", type=int, default=None, help="train.steps of xrai (default: the config's)")
+    p.add_argument("--paper-steps", type=int, default=1000, help="train.steps of xrai-paper")
+    p.add_argument("--known-steps", type=int, default=1000, help="train.steps of known-pose")
+    p.add_argument("--ablation-steps", type=int, default=1500)
+    p.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS))
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--markdown", default=None, help="also write the table (and the curves as JSON beside it)")
+    a = p.parse_args(argv)
+
+    env = dict(os.environ, **FAST_ENV)
+    env.setdefault("XRAI_PDB_MIRROR", str(REPO.parent / "shared" / "pdb"))
+    work = Path(a.work)
+    cfg_path = Path(a.config)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["proteins"] = [a.protein]
+    cfg_p = work / f"config_{a.protein}.yaml"
+    work.mkdir(parents=True, exist_ok=True)
+    cfg_p.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    paths = prepare_data(cfg_p, work, a.protein, env)
+    cfg["train"]["eval_every"] = int(a.eval_every)
+    cfg["train"]["log_every"] = min(int(cfg["train"].get("log_every", 50)), int(a.eval_every))
+
+    jobs = []
+    if "xrai" in a.only:
+        for s in a.seeds:
+            jobs.append(("xrai", "xrai", s, a.steps or int(cfg["train"]["steps"]), {}))
+    if "xrai-paper" in a.only:
+        jobs.append(("xrai-paper", "xrai-paper", 0, a.paper_steps, {}))
+    if "known-pose" in a.only:
+        jobs.append(("known-pose", "known-pose", 0, a.known_steps, {}))
+    if "ablations" in a.only:
+        for name in a.ablations:
+            jobs.append((f"xrai {name}", "xrai", 0, a.ablation_steps, ABLATIONS[name][1]))
+
+    results = []
+    for label, method, seed, steps, overrides in jobs:
+        run_cfg = copy.deepcopy(cfg)
+        run_cfg["train"]["steps"] = int(steps)
+        run_cfg["train"].setdefault("xrai", {}).update(overrides)
+        out = work / "runs" / a.protein / label.replace(" ", "_") / f"seed{seed}"
+        tl = train_run(run_cfg, method, seed, paths, out, a.threads, env)
+        res = {"label": label, "method": method, "seed": seed, "steps": steps, "overrides": overrides,
+               "timeline": tl, "targets": time_to_targets(out, tl), "final": final_metrics(out, paths, method)}
+        results.append(res)
+        print(table([res]).splitlines()[-1], flush=True)
+
+    text = table(results)
+    print(text)
+    if a.markdown:
+        md = Path(a.markdown)
+        md.write_text(text + "\n")
+        md.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+        print(f"wrote {md} and {md.with_suffix('.json')}")
+    bad = [r for r in results if r["final"].get("resolution_A") is None or math.isnan(r["final"]["resolution_A"])]
+    if bad:
+        print("warning: no resolution for", [r["label"] for r in bad])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,526 @@
+"""The default reconstruction recipe (``method: xrai``): X-RAI bootstrapped by a bounded search.
+
+The paper's recipe (``xrai-paper``) learns poses only through the gradient of the
+reconstruction loss, and on a CPU it stays at chance for hours (docs/method.md). This
+recipe keeps X-RAI's amortized encoder -- after training, an image's pose costs one
+encoder pass plus a fixed-size local refinement -- but trains it differently:
+
+1. **Radial normalisation.** Every image is divided by the data's mean amplitude
+   profile ``profile(q) = pixel_factor(q) * scale * radial(|q|)`` (estimated from the
+   images, no poses needed). The encoder and the losses work on ``z = amplitude /
+   profile``, whose values are near 1 at every resolution.
+2. **A voxel amplitude volume merged in closed form.** The decoder is a voxel grid ``v``
+   on the config's :class:`~xrai.volume.ReciprocalGrid` with
+   ``amplitude(k) = scale * radial(|k|) * v(k)``. ``v`` is not learned by gradient
+   descent: each step splats the batch's normalised pixels at their target poses
+   (trilinear, Friedel-symmetric) into running sums whose older content decays, so
+   ``v = sum / weight`` is the running average of the recent images (online EM's
+   M-step). It starts from images merged at random poses.
+3. **Target poses by a bounded search.** For each image of the batch the candidates are
+   the encoder's ``K`` heads, each as ``R`` and ``R @ RZ_PI``, and -- during the first
+   ``search_steps`` steps only -- a fixed quasi-uniform SO(3) grid (:func:`xrai.so3grid.so3_grid`).
+   The candidate with the lowest loss on a random subset of pixels wins, then a
+   pattern search (rotations by ``refine_deg`` about x, y, z) refines it. The cost
+   per step is fixed: it does not grow with the dataset size.
+4. **A resolution curriculum.** Losses and merges use only pixels with
+   ``|q| <= q_c(step)``, ``q_c`` rising from 0.3 of the detector's corner to all pixels
+   (``curriculum``): at low resolution the loss landscape over SO(3) has few minima.
+5. **A multi-head encoder trained by distillation.** The encoder (a small VGG-like CNN
+   with ``K`` heads, each head's output bias starting at a different random rotation)
+   is trained to predict the target pose: the loss is the squared Frobenius distance
+   of the closest head (over ``R`` and ``R @ RZ_PI``) to the target (winner-takes-all),
+   so heads specialise on different regions of SO(3) instead of averaging them.
+
+Inference (test images, the poses files): the ``K`` heads x 2 candidates are scored
+against the volume, the best one is refined by the same pattern search with smaller
+steps (``infer_refine_deg``): one encoder pass and a fixed number of volume lookups.
+
+Usage::
+
+    from xrai.config import load_config
+    from xrai.train import train
+    train(load_config("config/test.yaml"), "xrai", 0, "train.h5", "test.h5", "out/run0")
+
+or ``xrai train --method xrai ...`` (``xrai.train.RECIPES["xrai"]`` is :class:`XraiRecipe`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from xrai.losses import SymmetrizedLoss
+from xrai.rotations import (
+    RZ_PI,
+    axis_angle_to_matrix,
+    quaternion_to_matrix,
+    random_quaternions,
+    sixd_to_matrix,
+)
+from xrai.so3grid import so3_grid
+from xrai.train import Batch, Recipe, detector_pixel_factor
+from xrai.volume import ReciprocalGrid, sample_volume
+
+logger = logging.getLogger(__name__)
+
+#: images read before step 0 to estimate the radial amplitude profile
+PROFILE_IMAGES = 4096
+#: radial bins of the amplitude profile between |q| = 0 and the detector's corner
+PROFILE_BINS = 64
+#: merged weight below which a voxel counts as unobserved (it reads 1 = the radial profile)
+MIN_WEIGHT = 1e-2
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class XraiSettings:
+    """The recipe's knobs (config ``train.xrai``); defaults are the measured recipe of docs/method.md."""
+
+    heads: int = 8
+    encoder_width: int = 16
+    lr: float = 1e-3
+    lr_final_fraction: float = 0.1
+    search_level: int = 2
+    search_steps: int = 1500
+    curriculum: tuple[tuple[int, float], ...] = ((0, 0.3), (400, 0.3), (700, 0.6), (1000, 1.0))
+    pixels: int = 256
+    refine_deg: tuple[float, ...] = (8.0, 4.0, 2.0, 1.0, 0.5)
+    infer_refine_deg: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5, 0.25)
+    infer_pixels: int = 512
+    memory_images: tuple[int, int] = (2048, 8192)
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> XraiSettings:
+        """Read ``train.xrai`` (missing keys take the defaults above)."""
+        x = dict(cfg.get("train", {}).get("xrai", {}) or {})
+        d = cls()
+        return cls(
+            heads=int(x.get("heads", d.heads)),
+            encoder_width=int(x.get("encoder_width", d.encoder_width)),
+            lr=float(x.get("lr", d.lr)),
+            lr_final_fraction=float(x.get("lr_final_fraction", d.lr_final_fraction)),
+            search_level=int(x.get("search_level", d.search_level)),
+            search_steps=int(x.get("search_steps", d.search_steps)),
+            curriculum=tuple((int(s), float(f)) for s, f in x.get("curriculum", d.curriculum)),
+            pixels=int(x.get("pixels", d.pixels)),
+            refine_deg=tuple(float(v) for v in x.get("refine_deg", d.refine_deg)),
+            infer_refine_deg=tuple(float(v) for v in x.get("infer_refine_deg", d.infer_refine_deg)),
+            infer_pixels=int(x.get("infer_pixels", d.infer_pixels)),
+            memory_images=tuple(int(v) for v in x.get("memory_images", d.memory_images)),
+        )
+
+    def q_fraction(self, step: int) -> float:
+        """Curriculum: the fraction of the detector's corner |q| used at ``step`` (piecewise linear)."""
+        pts = self.curriculum
+        if step <= pts[0][0]:
+            return pts[0][1]
+        for (s0, f0), (s1, f1) in zip(pts, pts[1:], strict=False):
+            if step < s1:
+                return f0 + (f1 - f0) * (step - s0) / max(1, s1 - s0)
+        return pts[-1][1]
+
+    def memory(self, step: int, total: int) -> float:
+        """Images the running volume remembers at ``step`` (grows linearly over the run)."""
+        m0, m1 = self.memory_images
+        return m0 + (m1 - m0) * min(1.0, step / max(1, total))
+
+
+# --------------------------------------------------------------------------- rotations
+
+
+def flips(device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(2, 3, 3)``: identity and ``RZ_PI`` (the in-plane pi rotation that nearly leaves an image unchanged)."""
+    return torch.stack([torch.eye(3, dtype=torch.float64), RZ_PI]).to(device=device, dtype=dtype)
+
+
+def pattern_moves(step_deg: float, device: torch.device | None = None) -> torch.Tensor:
+    """``(7, 3, 3)``: the identity and rotations by +-``step_deg`` about x, y and z."""
+    axes = torch.cat([torch.eye(3), -torch.eye(3)]).double()
+    R = axis_angle_to_matrix(axes, torch.full((6,), math.radians(step_deg), dtype=torch.float64))
+    return torch.cat([torch.eye(3, dtype=torch.float64)[None], R]).float().to(device)
+
+
+# --------------------------------------------------------------------------- models
+
+
+class MultiHeadPoseEncoder(nn.Module):
+    """A small VGG-like CNN mapping a normalised amplitude image to ``heads`` rotations.
+
+    Input: ``z`` (B, H, W), the amplitude divided by the radial profile (values near 1),
+    seen as ``log(1 + z)``. Four stages of two 3x3 convolutions (``width``, 2x, 4x, 8x
+    channels, each followed by batch normalisation and ReLU) with 2x2 average pooling, an MLP (512, 256) and a linear layer giving a 6D
+    rotation per head. The output bias of every head starts at a different random
+    rotation (``generator``), so the heads start spread over SO(3).
+
+    Example::
+
+        enc = MultiHeadPoseEncoder((32, 32), heads=8)
+        R = enc(torch.rand(4, 32, 32))      # (4, 8, 3, 3)
+    """
+
+    def __init__(self, image_shape: tuple[int, int], heads: int = 8, width: int = 16,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        h, w = image_shape
+        layers: list[nn.Module] = []
+        c_in = 1
+        for c_out in (width, 2 * width, 4 * width, 8 * width):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(),
+                       nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+            if h >= 2 and w >= 2:
+                layers.append(nn.AvgPool2d(2))
+                h, w = h // 2, w // 2
+            c_in = c_out
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d((min(h, 4), min(w, 4))), nn.Flatten())
+        self.mlp = nn.Sequential(nn.Linear(c_in * min(h, 4) * min(w, 4), 512), nn.ReLU(), nn.Linear(512, 256),
+                                 nn.ReLU())
+        self.heads = int(heads)
+        self.out = nn.Linear(256, 6 * self.heads)
+        for m in self.modules():  # He init: the default init makes 10 ReLU layers vanish (constant output)
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+        with torch.no_grad():
+            self.out.weight.mul_(0.01)
+            R0 = quaternion_to_matrix(random_quaternions(self.heads, generator=generator)).float()
+            self.out.bias.copy_(torch.cat([R0[:, :, 0], R0[:, :, 1]], dim=-1).reshape(-1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = torch.log1p(z.clamp_min(0)).unsqueeze(1)
+        return sixd_to_matrix(self.out(self.mlp(self.features(x))).reshape(z.shape[0], self.heads, 6))
+
+
+class MergedVoxelVolume(nn.Module):
+    """Amplitude volume ``scale * radial(|k|) * v(k)`` with ``v = weighted_sum / weight`` merged from images.
+
+    ``weighted_sum`` and ``weight`` are buffers on the ``grid`` (checkpointed with the
+    model). :meth:`merge` decays them and splats new values trilinearly at ``k`` and
+    ``-k`` (Friedel's law). Unobserved voxels read ``v = 1`` (the radial mean).
+
+    Example::
+
+        vol = MergedVoxelVolume(ReciprocalGrid(32, 0.12))
+        vol.merge(torch.randn(100, 3) * 0.03, torch.rand(100), decay=0.9)
+        amp = vol(torch.zeros(5, 3))            # amplitude at k = 0
+    """
+
+    def __init__(self, grid: ReciprocalGrid) -> None:
+        super().__init__()
+        self.grid = grid
+        n = grid.size
+        self.register_buffer("weighted_sum", torch.zeros(n, n, n))
+        self.register_buffer("weight", torch.zeros(n, n, n))
+        self.register_buffer("radial", torch.ones(PROFILE_BINS))
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("relative", torch.ones(n, n, n))
+
+    # -- profile
+    def radial_at(self, q_abs: torch.Tensor) -> torch.Tensor:
+        """The radial profile (relative, mean 1 over the detector) at ``|q|``, linear between bins."""
+        t = (q_abs / self.grid.q_max * (PROFILE_BINS - 1)).clamp(0, PROFILE_BINS - 1)
+        i0 = t.floor().long().clamp(max=PROFILE_BINS - 2)
+        f = t - i0
+        return self.radial[i0] * (1 - f) + self.radial[i0 + 1] * f
+
+    # -- volume
+    def refresh(self) -> None:
+        """Recompute ``relative = weighted_sum / weight`` (1 where nothing was merged)."""
+        ok = self.weight > MIN_WEIGHT
+        self.relative = torch.where(ok, self.weighted_sum / self.weight.clamp_min(MIN_WEIGHT),
+                                    torch.ones_like(self.weight))
+
+    def sample_relative(self, k: torch.Tensor) -> torch.Tensor:
+        """``v(k)`` (no profile), trilinear; ``k`` (..., 3) in Angstrom^-1."""
+        return sample_volume(self.relative, k, self.grid)
+
+    def forward(self, k: torch.Tensor) -> torch.Tensor:
+        """Amplitude at ``k`` (..., 3): ``scale * radial(|k|) * v(k)``."""
+        return self.scale * self.radial_at(k.norm(dim=-1)) * self.sample_relative(k)
+
+    @torch.no_grad()
+    def sample_grid(self, coordinates: torch.Tensor, chunk: int = 262144) -> torch.Tensor:
+        """Amplitude on a grid of coordinates (..., 3), in chunks."""
+        flat = coordinates.reshape(-1, 3).to(self.relative.dtype)
+        out = torch.cat([self(flat[i:i + chunk]) for i in range(0, flat.shape[0], chunk)])
+        return out.reshape(coordinates.shape[:-1])
+
+    @torch.no_grad()
+    def merge(self, k: torch.Tensor, values: torch.Tensor, decay: float) -> None:
+        """``sums <- decay * sums + splat(values at k and -k)``; then :meth:`refresh`."""
+        k = k.reshape(-1, 3)
+        values = values.reshape(-1)
+        k = torch.cat([k, -k])
+        values = torch.cat([values, values])
+        n = self.grid.size
+        idx = k / self.grid.dq + n // 2
+        i0 = idx.floor().long()
+        frac = idx - i0
+        acc_v = torch.zeros(n**3, dtype=values.dtype, device=values.device)
+        acc_w = torch.zeros(n**3, dtype=values.dtype, device=values.device)
+        for corner in range(8):
+            offs = torch.tensor([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1], device=k.device)
+            ii = i0 + offs
+            w = torch.where(offs.bool(), frac, 1 - frac).prod(dim=-1)
+            ok = ((ii >= 0) & (ii < n)).all(dim=-1)
+            lin = (ii[:, 0] * n + ii[:, 1]) * n + ii[:, 2]
+            acc_v.index_add_(0, lin[ok], (w * values)[ok])
+            acc_w.index_add_(0, lin[ok], w[ok])
+        self.weighted_sum.mul_(decay).add_(acc_v.reshape(n, n, n))
+        self.weight.mul_(decay).add_(acc_w.reshape(n, n, n))
+        self.refresh()
+
+
+
+class XraiModel(nn.Module):
+    """Encoder + merged voxel volume + the detector's pixels, with the normalisation between them.
+
+    Buffers: ``ewald`` (H, W, 3) pixel coordinates, ``pixel_factor`` (H, W) (the square root
+    of polarization x solid angle relative to its mean), ``profile`` (H, W): the expected
+    amplitude of every pixel, ``pixel_factor * scale * radial(|q|)``.
+    """
+
+    def __init__(self, encoder: MultiHeadPoseEncoder, decoder: MergedVoxelVolume, ewald: torch.Tensor,
+                 pixel_factor: torch.Tensor) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.register_buffer("ewald", ewald.detach().float().clone())
+        self.register_buffer("pixel_factor", pixel_factor.detach().float().clone())
+        self.register_buffer("profile", torch.ones(ewald.shape[:2]))
+
+    @property
+    def q_pixels(self) -> torch.Tensor:
+        """(P, 3) pixel coordinates, flattened."""
+        return self.ewald.reshape(-1, 3)
+
+    def update_profile(self) -> None:
+        q_abs = self.ewald.norm(dim=-1)
+        self.profile = self.pixel_factor * self.decoder.scale * self.decoder.radial_at(q_abs)
+
+    def normalise(self, amplitude: torch.Tensor) -> torch.Tensor:
+        """``z = amplitude / profile`` (B, H, W)."""
+        return amplitude / self.profile.clamp_min(1e-20)
+
+    def render(self, R: torch.Tensor) -> torch.Tensor:
+        """Predicted amplitude images (B, H, W) for poses ``R`` (B, 3, 3)."""
+        k = torch.einsum("bij,hwj->bhwi", R.to(self.ewald.dtype), self.ewald)
+        return self.profile * self.decoder.sample_relative(k)
+
+
+# --------------------------------------------------------------------------- pose scoring
+
+
+def candidate_losses(model: XraiModel, R: torch.Tensor, z: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """Per-candidate loss ``(B, C)`` of poses ``R`` (B, C, 3, 3) for normalised pixels ``z`` (B, P).
+
+    The squared error on the ``pixels`` (indices into the flattened detector) after the
+    best non-negative scale per image and candidate (least squares, closed form), so that
+    the ranking does not depend on the volume's overall brightness while it forms.
+    """
+    k = torch.einsum("bcij,pj->bcpi", R, model.q_pixels[pixels])
+    y = model.decoder.sample_relative(k)
+    zc = z[:, None, :]
+    c = ((zc * y).sum(-1) / (y * y).sum(-1).clamp_min(1e-12)).clamp_min(0)
+    return ((zc - c[..., None] * y) ** 2).mean(-1)
+
+
+def grid_search(model: XraiModel, grid_R: torch.Tensor, z: torch.Tensor, pixels: torch.Tensor,
+                chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rotation of ``grid_R`` (M, 3, 3) per image and its loss (the same loss as :func:`candidate_losses`).
+
+    The slices of all M rotations at the ``pixels`` are computed once; the loss of every
+    (image, rotation) pair is then a matrix product: ``|z|^2 - max(z.s, 0)^2 / |s|^2``.
+    """
+    best_l = torch.full((z.shape[0],), math.inf, device=z.device)
+    best_i = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
+    zz = (z * z).sum(1, keepdim=True)
+    q = model.q_pixels[pixels]
+    for start in range(0, grid_R.shape[0], chunk):
+        Rc = grid_R[start:start + chunk]
+        s = model.decoder.sample_relative(torch.einsum("mij,pj->mpi", Rc, q))
+        loss = (zz - (z @ s.T).clamp_min(0) ** 2 / (s * s).sum(1).clamp_min(1e-12)) / z.shape[1]
+        lmin, imin = loss.min(dim=1)
+        better = lmin < best_l
+        best_l = torch.where(better, lmin, best_l)
+        best_i = torch.where(better, imin + start, best_i)
+    return grid_R[best_i], best_l
+
+
+def refine_poses(model: XraiModel, R: torch.Tensor, z: torch.Tensor, pixels: torch.Tensor,
+                 steps_deg: tuple[float, ...], iterations: int = 1) -> torch.Tensor:
+    """Pattern search: move each pose by the best of the identity and +-step about x, y, z, for each step size.
+
+    A fixed number of volume lookups per image: ``7 * len(steps_deg) * iterations * P``.
+    """
+    b = torch.arange(R.shape[0], device=R.device)
+    for step in steps_deg:
+        moves = pattern_moves(step, R.device)
+        for _ in range(iterations):
+            C = R[:, None] @ moves[None]
+            R = C[b, candidate_losses(model, C, z, pixels).argmin(dim=1)]
+    return R
+
+
+def encoder_candidates(R_heads: torch.Tensor) -> torch.Tensor:
+    """(B, K, 3, 3) -> (B, 2K, 3, 3): every head as ``R`` and ``R @ RZ_PI``."""
+    f = flips(R_heads.device, R_heads.dtype)
+    return (R_heads[:, :, None] @ f).reshape(R_heads.shape[0], -1, 3, 3)
+
+
+def distillation_loss(R_heads: torch.Tensor, R_target: torch.Tensor) -> torch.Tensor:
+    """Winner-takes-all: squared Frobenius distance of the closest head (R or R @ RZ_PI) to the target, averaged."""
+    d = ((encoder_candidates(R_heads) - R_target[:, None]) ** 2).sum(dim=(-1, -2))
+    return d.min(dim=1).values.mean()
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+class XraiRecipe(Recipe):
+    """``method: xrai``: the search-bootstrapped, amortized recipe of this module's docstring."""
+
+    name = "xrai"
+
+    def __init__(self, cfg: dict) -> None:
+        super().__init__(cfg)
+        self.settings = XraiSettings.from_config(cfg)
+        self._grid_R: torch.Tensor | None = None
+
+    # -- model
+    def build_model(self, ewald: torch.Tensor) -> XraiModel:
+        from xrai.geometry import reciprocal_grid
+
+        s = self.settings
+        grid = reciprocal_grid(self.cfg)
+        encoder = MultiHeadPoseEncoder(tuple(ewald.shape[:2]), heads=s.heads, width=s.encoder_width,
+                                       generator=torch.Generator().manual_seed(int(torch.initial_seed()) % 2**62))
+        return XraiModel(encoder, MergedVoxelVolume(grid), ewald, detector_pixel_factor(self.cfg, ewald))
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """Adam on the encoder only (the volume is merged, not learned by gradient)."""
+        return torch.optim.Adam(model.encoder.parameters(), lr=self.settings.lr)
+
+    @torch.no_grad()
+    def prepare(self, model: XraiModel, dataset: Any, device: torch.device) -> None:
+        """The radial amplitude profile from the data, and a first volume merged at random poses."""
+        s = self.settings
+        n = min(len(dataset), max(PROFILE_IMAGES, s.memory_images[0]))
+        amp = torch.cat([Batch(dataset.read(i, min(i + 1024, n)), device).amplitude for i in range(0, n, 1024)])
+        dec = model.decoder
+        q_abs = model.ewald.norm(dim=-1).reshape(-1)
+        flat = (amp / model.pixel_factor).reshape(amp.shape[0], -1).mean(0)
+        t = (q_abs / dec.grid.q_max * (PROFILE_BINS - 1)).clamp(0, PROFILE_BINS - 1)
+        i0 = t.floor().long().clamp(max=PROFILE_BINS - 2)
+        f = t - i0
+        num = torch.zeros(PROFILE_BINS, device=device).index_add_(0, i0, flat * (1 - f)).index_add_(0, i0 + 1, flat * f)
+        den = torch.zeros(PROFILE_BINS, device=device).index_add_(0, i0, 1 - f).index_add_(0, i0 + 1, f)
+        radial = num / den.clamp_min(1e-6)
+        # bins without pixels (beyond the corner, or near q = 0) take the nearest observed value
+        seen = den > 1e-3
+        idx = torch.arange(PROFILE_BINS, device=device)
+        nearest = idx[seen][(idx[:, None] - idx[seen][None]).abs().argmin(dim=1)]
+        radial = radial[nearest]
+        scale = float(flat.mean().clamp_min(1e-20))
+        dec.scale.fill_(scale)
+        dec.radial.copy_(radial / scale)
+        model.update_profile()
+        # the first volume: images at random poses (a near-isotropic start that breaks the symmetry)
+        m = min(len(amp), s.memory_images[0])
+        R0 = quaternion_to_matrix(random_quaternions(m)).float().to(device)
+        pixels = self._pixels_within(model, s.q_fraction(0))
+        z = model.normalise(amp[:m]).reshape(m, -1)[:, pixels]
+        k = torch.einsum("bij,pj->bpi", R0, model.q_pixels[pixels])
+        dec.merge(k, z, decay=0.0)
+        logger.info("xrai: radial profile from %d images (mean amplitude %.4g); volume %d^3 started from %d "
+                    "images at random poses", len(amp), scale, dec.grid.size, m)
+
+    # -- helpers
+    @staticmethod
+    def _pixels_within(model: XraiModel, fraction: float) -> torch.Tensor:
+        q_abs = model.ewald.norm(dim=-1).reshape(-1)
+        return torch.nonzero(q_abs <= fraction * float(q_abs.max()) * (1 + 1e-6)).flatten()
+
+    def search_grid(self, device: torch.device) -> torch.Tensor:
+        if self._grid_R is None or self._grid_R.device != device:
+            self._grid_R = quaternion_to_matrix(so3_grid(self.settings.search_level)).float().to(device)
+        return self._grid_R
+
+    def _lr(self, step: int) -> float:
+        """Constant, then cosine decay to ``lr_final_fraction`` over the second half of the run."""
+        s = self.settings
+        total = int(self.tcfg["steps"])
+        t = (step - total / 2) / max(1.0, total / 2)
+        if t <= 0:
+            return s.lr
+        return s.lr * (s.lr_final_fraction + (1 - s.lr_final_fraction) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+    # -- per step
+    def training_step(self, model: XraiModel, optimizer: torch.optim.Optimizer, batch: Batch, step: int) -> dict:
+        s = self.settings
+        total = int(self.tcfg["steps"])
+        B = len(batch)
+        z = model.normalise(batch.amplitude)
+        z_flat = z.reshape(B, -1)
+        inside = self._pixels_within(model, s.q_fraction(step))
+        pixels = inside[torch.randperm(inside.numel(), device=inside.device)[: s.pixels]]
+        zp = z_flat[:, pixels]
+
+        R_heads = model.encoder(z)
+        with torch.no_grad():
+            cands = encoder_candidates(R_heads.detach())
+            losses = candidate_losses(model, cands, zp, pixels)
+            best_loss, best = losses.min(dim=1)
+            target = cands[torch.arange(B), best]
+            searched = torch.zeros(B, dtype=torch.bool, device=z.device)
+            if step < s.search_steps:
+                R_grid, grid_loss = grid_search(model, self.search_grid(z.device), zp, pixels)
+                searched = grid_loss < best_loss
+                target = torch.where(searched[:, None, None], R_grid, target)
+            target = refine_poses(model, target, zp, pixels, s.refine_deg)
+            decay = max(0.0, 1.0 - B / s.memory(step, total))
+            k = torch.einsum("bij,pj->bpi", target, model.q_pixels[inside])
+            model.decoder.merge(k, z_flat[:, inside], decay)
+
+        for group in optimizer.param_groups:
+            group["lr"] = self._lr(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss = distillation_loss(R_heads, target)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.encoder.parameters(), float(self.tcfg.get("grad_clip", 1.0)))
+        optimizer.step()
+        return {"loss": float(loss.detach()), "searched": float(searched.float().mean()),
+                "q_fraction": s.q_fraction(step)}
+
+    # -- inference
+    @torch.no_grad()
+    def infer_poses(self, model: XraiModel, amplitude: torch.Tensor, refine: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Poses (B, 3, 3) and branch (B,) int8 of amplitude images: encoder heads, best by loss, refined."""
+        s = self.settings
+        B = amplitude.shape[0]
+        z = model.normalise(amplitude)
+        z_flat = z.reshape(B, -1)
+        n_pix = z_flat.shape[1]
+        # a fixed, evenly spread pixel subset: deterministic inference
+        pixels = torch.linspace(0, n_pix - 1, min(n_pix, s.infer_pixels), device=z.device).round().long()
+        cands = encoder_candidates(model.encoder(z))
+        best = candidate_losses(model, cands, z_flat[:, pixels], pixels).argmin(dim=1)
+        R = cands[torch.arange(B), best]
+        branch = (best % 2).to(torch.int8)
+        if refine and s.infer_refine_deg:
+            R = refine_poses(model, R, z_flat[:, pixels], pixels, s.infer_refine_deg, iterations=2)
+        return R, branch
+
+    @torch.no_grad()
+    def infer(self, model: XraiModel, batch: Batch) -> SymmetrizedLoss:
+        R, branch = self.infer_poses(model, batch.amplitude)
+        prediction = model.render(R)
+        per_image = ((prediction - batch.amplitude) ** 2).flatten(1).mean(1)
+        return SymmetrizedLoss(per_image.mean(), per_image, branch, R, prediction)
