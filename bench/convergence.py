@@ -22,6 +22,7 @@ Usage::
     python bench/convergence.py --work /tmp/conv --seeds 0 1 2 --markdown docs/bench-convergence.md
     python bench/convergence.py --work /tmp/conv --only xrai --seeds 0 --steps 2000
     python bench/convergence.py --work /tmp/conv --protein 4AKE --only xrai --seeds 0
+    python bench/convergence.py --work /tmp/conv --protein SYN1 --only xrai --seeds 0   # a built structure
 
 The datasets (fetch, simulate, reference) are made in ``--work`` when missing.
 """
@@ -68,6 +69,66 @@ def xrai_cli() -> list[str]:
 def run_cmd(cmd: list[str], env: dict | None = None) -> None:
     print("+", " ".join(map(str, cmd)), flush=True)
     subprocess.run(cmd, check=True, env=env)
+
+
+#: the structure this benchmark builds (``--protein SYN1``): not a PDB entry
+SYNTHETIC = "SYN1"
+
+
+def build_synthetic_structure(path: Path, n_residues: int = 320, seed: int = 7) -> None:
+    """A made-up, protein-like molecule: a 320-residue backbone (N, CA, C, O, CB) on a random walk.
+
+    CA atoms 3.8 Å apart, steered to stay inside an ellipsoid of semi-axes 16 x 21 x 30 Å
+    (elongated, no symmetry) and away from earlier atoms (>= 4 Å), as a compact chain would.
+    Written as PDB with ``gemmi`` so ``xrai fetch`` reads it like any other file.
+    """
+    import gemmi
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    axes = np.array([16.0, 21.0, 30.0])
+    ca = [np.zeros(3)]
+    direction = rng.normal(size=3)
+    while len(ca) < n_residues:
+        for _ in range(200):
+            d = direction + 0.9 * rng.normal(size=3)
+            d /= np.linalg.norm(d)
+            x = ca[-1] + 3.8 * d
+            inside = ((x / axes) ** 2).sum() < 1.0
+            clear = len(ca) < 3 or np.min(np.linalg.norm(np.array(ca[:-2]) - x, axis=1)) >= 4.0
+            if inside and clear:
+                break
+        ca.append(x)
+        direction = d
+    ca = np.array(ca)
+    st = gemmi.Structure()
+    st.name = SYNTHETIC
+    model = gemmi.Model("1")
+    chain = gemmi.Chain("A")
+    names = (("N", "N", -1.45), ("CA", "C", 0.0), ("C", "C", 1.52), ("O", "O", 2.4), ("CB", "C", 1.53))
+    for i, x in enumerate(ca):
+        res = gemmi.Residue()
+        res.name = "ALA"
+        res.seqid = gemmi.SeqId(i + 1, " ")
+        t = (ca[min(i + 1, len(ca) - 1)] - ca[max(i - 1, 0)])
+        t /= np.linalg.norm(t) + 1e-9
+        side = np.cross(t, rng.normal(size=3))
+        side /= np.linalg.norm(side) + 1e-9
+        for name, el, off in names:
+            pos = x + off * (side if name in ("O", "CB") else t)
+            atom = gemmi.Atom()
+            atom.name = name
+            atom.element = gemmi.Element(el)
+            atom.pos = gemmi.Position(*pos)
+            atom.occ = 1.0
+            atom.b_iso = 20.0
+            res.add_atom(atom)
+        chain.add_residue(res)
+    model.add_chain(chain)
+    st.add_model(model)
+    st.setup_entities()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    st.write_pdb(str(path))
 
 
 def prepare_data(cfg_path: Path, work: Path, protein: str, env: dict) -> dict:
@@ -188,6 +249,8 @@ def final_metrics(out: Path, paths: dict, method: str) -> dict:
             R_pred = torch.from_numpy(f["rotations"][...]).double()
             index = torch.from_numpy(f["index"][...]).long()
         _, A = pose_errors_deg(R_pred, true_rotations(paths["test"], index))
+    if method == "xrai":
+        res["test_encoder_only"] = encoder_only_errors(out, paths)
     amp, grid = read_volume_h5(str(out / "intensity.h5"), "amplitude")
     true_int, _ = read_volume_h5(str(paths["intensity"]), "intensity")
     # learned V(k) = V_true(A k)  =>  V_true(k) = V(A^T k): transform_volume(vol, R) = vol(R^T x)
@@ -198,7 +261,98 @@ def final_metrics(out: Path, paths: dict, method: str) -> dict:
                             grid)
     res["asc"] = asc
     res["resolution_A"] = asc_resolution(asc)
+    res["asc_mean"] = asc["mean"]
+    res["fsc"] = phased_fsc(amp, grid, paths, cfg_of(out))
     return res
+
+
+def cfg_of(out: Path) -> dict:
+    from xrai.config import load_config
+
+    return load_config(out / "bench_config.yaml")
+
+
+def phased_fsc(amplitude, grid, paths: dict, cfg: dict) -> dict:
+    """The pipeline's resolution: phase (ER/HIO + shrinkwrap, the config's settings), align to the reference
+    density (rotation, shift, hand), FSC 0.5 -- as ``xrai phase`` and ``xrai evaluate`` do."""
+    from xrai.align import align_volumes
+    from xrai.io import read_mrc
+    from xrai.metrics import fsc, resolution_from_fsc
+    from xrai.phasing import measured_mask, phase_er_hio
+
+    pc = cfg["phasing"]
+    res = phase_er_hio(amplitude, n_starts=int(pc["n_starts"]), n_iterations=int(pc["n_iterations"]),
+                       beta=float(pc["beta"]), hio_per_cycle=int(pc["hio_per_cycle"]), er_per_cycle=int(pc["er_per_cycle"]),
+                       shrinkwrap_every=int(pc["shrinkwrap_every"]), threshold=float(pc["shrinkwrap_threshold"]),
+                       sigma_start=float(pc["shrinkwrap_sigma_start"]), sigma_end=float(pc["shrinkwrap_sigma_end"]),
+                       seed=int(pc["seed"]), device="cpu", mask=measured_mask(grid))
+    ref, voxel = read_mrc(paths["density"])
+    al = align_volumes(res.density.numpy(), ref, angular_step_deg=float(cfg["evaluation"]["align_angular_step_deg"]))
+    curve = fsc(al.aligned, ref, voxel)
+    px, angstrom = resolution_from_fsc(curve, ref.shape[0], voxel, float(cfg["evaluation"]["fsc_cutoff"]))
+    return {"resolution_A": angstrom, "resolution_px": px, "align_cc": al.cc, "curve": curve}
+
+
+def encoder_only_errors(out: Path, paths: dict) -> dict:
+    """Test pose error of the trained ``xrai`` encoder alone (best head, no refinement): the amortized part."""
+    import torch
+
+    from xrai.abinitio import XraiRecipe
+    from xrai.config import load_config
+    from xrai.dataset import DiffractionDataset
+    from xrai.metrics import pose_errors_deg, summarize_pose_errors
+    from xrai.train import Batch
+
+    cfg = load_config(out / "bench_config.yaml")
+    recipe = XraiRecipe(cfg)
+    ds = DiffractionDataset(paths["test"])
+    model = recipe.build_model(ds.pixel_position_reciprocal)
+    model.load_state_dict(torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["model"])
+    model.eval()
+    R_pred, R_true = [], []
+    with torch.no_grad():
+        for i in range(0, len(ds), 500):
+            b = Batch(ds.read(i, min(i + 500, len(ds))), torch.device("cpu"))
+            R_pred.append(recipe.infer_poses(model, b.amplitude, refine=False)[0])
+            R_true.append(b.rotations)
+    return summarize_pose_errors(pose_errors_deg(torch.cat(R_pred), torch.cat(R_true))[0])
+
+
+def merged_true_pose_resolution(cfg: dict, paths: dict) -> dict:
+    """The resolution bound of the ``xrai`` decoder: every training image merged at its *true* pose."""
+    import torch
+
+    from xrai.abinitio import XraiRecipe
+    from xrai.dataset import DiffractionDataset
+    from xrai.metrics import shell_correlation
+    from xrai.phasing import measured_mask
+    from xrai.train import Batch
+    from xrai.volume import read_volume_h5
+
+    from xrai.config import validate_config
+
+    cfg = validate_config(copy.deepcopy(cfg))
+    recipe = XraiRecipe(cfg)
+    ds = DiffractionDataset(paths["train"])
+    torch.manual_seed(0)
+    model = recipe.build_model(ds.pixel_position_reciprocal)
+    recipe.prepare(model, ds, torch.device("cpu"))
+    model.decoder.weighted_sum.zero_()
+    model.decoder.weight.zero_()
+    with torch.no_grad():
+        for i in range(0, len(ds), 1024):
+            b = Batch(ds.read(i, min(i + 1024, len(ds))), torch.device("cpu"))
+            k = torch.einsum("bij,pj->bpi", b.rotations, model.q_pixels)
+            model.decoder.merge(k, model.normalise(b.amplitude).reshape(len(b), -1), decay=1.0)
+    grid = model.decoder.grid
+    amp = model.decoder.sample_grid(grid.coordinates(dtype=torch.float32)).double()
+    true_int, _ = read_volume_h5(str(paths["intensity"]), "intensity")
+    inside = measured_mask(grid)
+    nan = torch.full_like(amp, float("nan"))
+    asc = shell_correlation(torch.where(inside, amp, nan), torch.where(inside, true_int.double().clamp_min(0).sqrt(), nan),
+                            grid)
+    return {"asc": asc, "resolution_A": asc_resolution(asc), "asc_mean": asc["mean"],
+            "fsc": phased_fsc(amp.float(), grid, paths, cfg)}
 
 
 def asc_resolution(asc: dict, cutoff: float = 0.5) -> float:
@@ -219,27 +373,66 @@ def fmt(hit: dict | None, key: str) -> str:
 
 
 def table(results: list[dict]) -> str:
-    head = ("| run | seed | steps | <10°: step / wall / CPU min | <5° | <2° | final test median ° | "
-            "within 2° / 5° / 10° | train median ° | resolution Å (ASC 0.5) | wall / CPU min |")
+    head = ("| run | seed | steps | <10°: step / wall / CPU min | <5° | <2° | final test median ° (encoder alone) | "
+            "within 2° / 5° / 10° | train median ° | amplitude shell corr. (mean) | phased FSC 0.5 Å | wall / CPU min |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in results:
         cells = [r["label"], str(r["seed"]), str(r["steps"])]
         for thr in THRESHOLDS:
+            if r.get("targets") is None:
+                cells.append("n/a")
+                continue
             hit = r["targets"].get(f"lt{thr:g}")
             cells.append("not reached" if hit is None else f"{fmt(hit, 'step')} / {fmt(hit, 'wall_min')} / {fmt(hit, 'cpu_min')}")
         fm = r["final"]
         if "test" in fm and fm["test"]:
             t = fm["test"]
-            cells += [f"{t['median_deg']:.2f}",
+            enc = fm.get("test_encoder_only")
+            cells += [f"{t['median_deg']:.2f}" + (f" ({enc['median_deg']:.1f})" if enc else ""),
                       f"{100 * t['frac_within_2']:.0f}% / {100 * t['frac_within_5']:.0f}% / {100 * t['frac_within_10']:.0f}%",
                       f"{fm['train']['median_deg']:.2f}"]
         else:
             cells += ["n/a", "n/a", "n/a"]
-        cells.append(f"{fm['resolution_A']:.2f}")
-        tl = r["timeline"]
-        cells.append(f"{tl['total_wall'] / 60:.1f} / {(tl['total_cpu'] or 0) / 60:.1f}")
+        cells.append(f"{fm['asc_mean']:.3f}")
+        cells.append(f"{fm['fsc']['resolution_A']:.2f}")
+        tl = r.get("timeline")
+        cells.append(f"{tl['total_wall'] / 60:.1f} / {(tl['total_cpu'] or 0) / 60:.1f}" if tl else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def plot_curves(results: list[dict], path: Path, protein: str) -> None:
+    """Median test pose error against steps and against CPU minutes, one line per run (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for r in results:
+        curve = (r.get("targets") or {}).get("curve")
+        if not curve:
+            continue
+        style = "-" if r["label"] == "xrai" else ("--" if r["label"].startswith("xrai ") else ":")
+        label = r["label"] + (f" (seed {r['seed']})" if r["label"] == "xrai" else "")
+        steps = [c["step"] for c in curve]
+        med = [c["median_deg"] for c in curve]
+        axes[0].plot(steps, med, style, marker=".", label=label)
+        cpu = [c["cpu_min"] for c in curve]
+        if all(v is not None for v in cpu):
+            axes[1].plot(cpu, med, style, marker=".", label=label)
+    for ax, xl in zip(axes, ("training step", "CPU minutes (one thread)"), strict=True):
+        ax.set_yscale("log")
+        ax.set_xlabel(xl)
+        for thr in THRESHOLDS:
+            ax.axhline(thr, color="grey", lw=0.6, ls=":")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("median test pose error (deg)")
+    axes[1].legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"Convergence on {protein} (32 px, noise-free)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -266,6 +459,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg_path = Path(a.config)
     cfg = yaml.safe_load(cfg_path.read_text())
     cfg["proteins"] = [a.protein]
+    if a.protein == SYNTHETIC:
+        syn = work / "data" / f"{SYNTHETIC}.pdb"
+        if not syn.exists():
+            build_synthetic_structure(syn)
+        cfg["proteins"] = [{"name": SYNTHETIC, "file": str(syn)}]
     cfg_p = work / f"config_{a.protein}.yaml"
     work.mkdir(parents=True, exist_ok=True)
     cfg_p.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -297,13 +495,19 @@ def main(argv: list[str] | None = None) -> None:
         results.append(res)
         print(table([res]).splitlines()[-1], flush=True)
 
+    if "known-pose" in a.only:
+        bound = merged_true_pose_resolution(cfg, paths)
+        results.append({"label": "true poses merged (xrai's decoder)", "method": "known-pose", "seed": "–",
+                        "steps": "–", "targets": None, "timeline": None, "final": bound})
+
     text = table(results)
     print(text)
     if a.markdown:
         md = Path(a.markdown)
         md.write_text(text + "\n")
         md.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
-        print(f"wrote {md} and {md.with_suffix('.json')}")
+        plot_curves(results, md.with_suffix(".png"), a.protein)
+        print(f"wrote {md}, {md.with_suffix('.json')} and {md.with_suffix('.png')}")
     bad = [r for r in results if r["final"].get("resolution_A") is None or math.isnan(r["final"]["resolution_A"])]
     if bad:
         print("warning: no resolution for", [r["label"] for r in bad])

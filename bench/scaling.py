@@ -12,9 +12,12 @@ For N in ``--sizes`` (default 2K, 8K, 32K, 128K images of 2CEX chain A at the ``
     the initial pass plus, per level, the iterations the largest measured run needed times the
     seconds per iteration timed at that N.
 * X-RAI (``xrai train --method xrai``, whatever recipe that is when the benchmark runs: its class
-  and the git commit are recorded): seconds per step from a short run at every N, and the steps
-  to reach the target (test pose median) from ``--xrai-metrics`` (a finished run's metrics.csv)
-  or from a run of ``--xrai-steps`` steps made here; time to target = steps x seconds per step.
+  and the git commit are recorded): seconds per step from a short run at every N up to
+  ``--xrai-probe-max``, and from the time those runs spend outside the step loop, the
+  preparation time and the per-image cost of inferring the poses of all images (fitted
+  ``p + r (N + test)``); the steps and wall time to the target (test pose median) from
+  ``--xrai-metrics`` (a finished run's metrics.csv) or from a run made here of the schedule of
+  ``--xrai-steps`` steps, stopped at the first evaluation below the target.
 
 Then: the growth exponents (least-squares slope of log time against log N), the crossover N above
 which X-RAI reaches the target sooner (EMC's time to target fitted as ``a + b N``), the
@@ -149,17 +152,40 @@ def xrai_recipe() -> dict:
             "commit": commit + ("+uncommitted train.py" if dirty else "")}
 
 
-def xrai_run(cfg: dict, train: Path, test: Path, out: Path, steps: int, eval_every: int) -> list[dict]:
+class _TargetReached(Exception):
+    pass
+
+
+def xrai_run(cfg: dict, train: Path, test: Path, out: Path, steps: int, eval_every: int,
+             target: float | None = None, eval_images: int = 256) -> list[dict]:
+    """``xrai train --method xrai`` for ``steps`` steps (the schedule of a run that long); its metrics rows.
+
+    With ``target``, the run stops at the first evaluation whose test pose median is below it
+    (read from the checkpoint written at every evaluation) and the rows so far are returned.
+    """
+    from xrai.train import load_checkpoint
     from xrai.train import train as run_train
 
     c = copy.deepcopy(cfg)
-    c["train"].update(steps=steps, eval_every=eval_every, checkpoint_every=max(steps, 1),
-                      log_every=min(10, steps), eval_images=min(c["train"]["eval_images"], 256))
+    c["train"].update(steps=steps, eval_every=eval_every, log_every=min(10, steps),
+                      checkpoint_every=eval_every if target is not None else max(steps, 1),
+                      eval_images=min(c["train"]["eval_images"], eval_images))
     if out.exists():
         import shutil
 
         shutil.rmtree(out)
-    run_train(c, "xrai", 0, train, test, out)
+
+    def stop_at_target(step: int) -> None:
+        if step % eval_every == 0 and step < steps:
+            rows = load_checkpoint(out / "checkpoint.pt")["metrics"]
+            last = rows[-1].get("test_pose_median_deg") if rows else None
+            if last not in (None, "") and float(last) < target:
+                raise _TargetReached
+
+    try:
+        run_train(c, "xrai", 0, train, test, out, step_callback=stop_at_target if target is not None else None)
+    except _TargetReached:
+        return list(load_checkpoint(out / "checkpoint.pt")["metrics"])
     return list(csv.DictReader(open(out / "metrics.csv")))
 
 
@@ -212,17 +238,18 @@ def plot(result: dict, path: Path) -> None:
     xs = np.logspace(math.log10(min(ns)), math.log10(PAPER_N), 100)
     ax.plot(xs, a + b * xs, ":", color="C3", label=f"EMC fit {a:.0f} s + {b * 1e3:.2f} ms x N")
     x = result["xrai"]
-    if x.get("time_to_target_s"):
-        ax.axhline(x["time_to_target_s"], color="C0", label=f"X-RAI to target ({x['steps_to_target']} steps)")
-    elif x.get("time_lower_bound_s"):
-        ax.axhline(x["time_lower_bound_s"], color="C0", ls="--",
-                   label=f"X-RAI: target not reached in {x['steps_run']} steps (lower bound)")
-    ax.plot(ns, [r["xrai_s_per_step"] * 1000 for r in rows], "^-", color="C0", ms=4, alpha=0.6,
-            label="X-RAI 1000 steps")
-    if result.get("crossover_n"):
-        ax.axvline(result["crossover_n"], color="grey", lw=0.8)
-        ax.text(result["crossover_n"], ax.get_ylim()[0] * 1.5, f" crossover N ~ {result['crossover_n']:.3g}",
-                fontsize=8, color="grey")
+    x_total = x.get("time_to_target_s") or x.get("time_lower_bound_s")
+    if x_total:
+        what = (f"X-RAI training to target ({x['steps_to_target']} steps)" if x.get("time_to_target_s")
+                else f"X-RAI: target not reached in {x['steps_run']} steps (lower bound)")
+        ax.plot(xs, np.full_like(xs, x_total), "-" if x.get("time_to_target_s") else "--", color="C0", label=what)
+        ax.plot(xs, x_total + x["inference_s_per_image"] * xs, "-.", color="C0", alpha=0.7,
+                label=f"X-RAI + pose inference of all N ({x['inference_s_per_image'] * 1e3:.1f} ms/image)")
+    for key, style in (("crossover_n", "grey"), ("crossover_n_with_inference", "C0")):
+        if result.get(key):
+            ax.axvline(result[key], color=style, lw=0.8, ls=":")
+            ax.annotate(f"N ~ {result[key]:.2g}", (result[key], a + b * result[key]), fontsize=7, color=style,
+                        xytext=(3, -12), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training images N")
@@ -250,6 +277,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--emc-full-max", type=int, default=8192, help="full EMC runs up to this N; timed above")
     p.add_argument("--timed-iterations", type=int, default=1)
     p.add_argument("--xrai-probe-steps", type=int, default=40, help="steps of the per-step timing runs")
+    p.add_argument("--xrai-probe-max", type=int, default=8192,
+                   help="X-RAI timing runs up to this N (each also infers the pose of all its images)")
     p.add_argument("--xrai-metrics", help="metrics.csv of a finished xrai run (steps to target)")
     p.add_argument("--xrai-steps", type=int, default=0,
                    help="if no --xrai-metrics: run this many steps here (on the second size) to find the steps to target")
@@ -294,22 +323,35 @@ def main(argv: list[str] | None = None) -> dict:
     counts = full[counts_from]["iterations_to_target"]
     timed = {n: emc_timed(cfg, files["train"][n], sorted(counts), args.timed_iterations) for n in args.sizes}
 
-    # ---- X-RAI: seconds per step at every N, steps to target from a finished run or a run made here
+    # ---- X-RAI: seconds per step and the per-image cost of the final pose inference, from short runs;
+    # steps to target from a finished run or a run made here
     batch = int(cfg["train"]["batch_size"])
-    xrai: dict = xrai_recipe()
-    for n in args.sizes:
+    xrai: dict = xrai_recipe() | {"s_per_step": {}, "overhead_s": {}}
+    probe_sizes = [n for n in args.sizes if n <= args.xrai_probe_max]
+    for n in probe_sizes:
+        t0 = time.perf_counter()
         rows = xrai_run(cfg, files["train"][n], files["test"], work / f"xrai_probe_{n}", args.xrai_probe_steps,
                         eval_every=10**9)
-        xrai.setdefault("s_per_step", {})[n] = seconds_per_step(rows, batch)
-        logger.info("X-RAI N=%d: %.3f s / step", n, xrai["s_per_step"][n])
+        total = time.perf_counter() - t0
+        xrai["s_per_step"][n] = seconds_per_step(rows, batch)
+        # outside the step loop: preparing (profile, first merge) and the poses of every train and test image
+        xrai["overhead_s"][n] = total - float(rows[-1]["wall_s"])
+        logger.info("X-RAI N=%d: %.3f s / step, %.0f s outside the steps", n, xrai["s_per_step"][n],
+                    xrai["overhead_s"][n])
     s_step = float(np.mean(list(xrai["s_per_step"].values())))
+    images = [n + args.test_images for n in probe_sizes]
+    if len(probe_sizes) > 1:
+        p0, r_inf = linear_fit(images, [xrai["overhead_s"][n] for n in probe_sizes])
+    else:
+        p0, r_inf = 0.0, xrai["overhead_s"][probe_sizes[0]] / images[0]
+    xrai["prepare_s"], xrai["inference_s_per_image"] = p0, r_inf
     if args.xrai_metrics:
         rows = list(csv.DictReader(open(args.xrai_metrics)))
         xrai["steps_source"] = args.xrai_metrics
     elif args.xrai_steps:
         n_run = args.sizes[min(1, len(args.sizes) - 1)]
         rows = xrai_run(cfg, files["train"][n_run], files["test"], work / f"xrai_full_{n_run}", args.xrai_steps,
-                        eval_every=args.xrai_eval_every)
+                        eval_every=args.xrai_eval_every, target=args.target_deg, eval_images=args.test_images)
         xrai["steps_source"] = f"run here: N={n_run}, {args.xrai_steps} steps"
     else:
         rows = []
@@ -318,10 +360,14 @@ def main(argv: list[str] | None = None) -> dict:
     xrai["steps_to_target"] = steps_to_target(rows, args.target_deg)
     xrai["best_test_pose_median_deg"] = min((float(r["test_pose_median_deg"]) for r in rows
                                              if r.get("test_pose_median_deg") not in (None, "")), default=None)
+    # the run's own wall clock (its steps and periodic evaluations) plus the preparation
+    wall_at = {int(r["step"]): float(r["wall_s"]) for r in rows if r.get("wall_s") not in (None, "")}
     if xrai["steps_to_target"]:
-        xrai["time_to_target_s"] = xrai["steps_to_target"] * s_step
+        xrai["time_to_target_s"] = p0 + wall_at.get(xrai["steps_to_target"], xrai["steps_to_target"] * s_step)
     elif xrai["steps_run"]:
-        xrai["time_lower_bound_s"] = xrai["steps_run"] * s_step
+        xrai["time_lower_bound_s"] = p0 + wall_at.get(xrai["steps_run"], xrai["steps_run"] * s_step)
+    if xrai["steps_run"] and xrai["steps_run"] in wall_at:
+        xrai["run_s_per_step"] = wall_at[xrai["steps_run"]] / xrai["steps_run"]
     result["xrai"] = {k: ({str(a): b for a, b in v.items()} if isinstance(v, dict) else v) for k, v in xrai.items()}
 
     # ---- table rows
@@ -335,7 +381,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["rows"].append({
             "n": n, "emc_source": source, "emc_time_to_target_s": to_target, "emc_init_s": t["init_s"],
             "emc_s_per_iteration": {str(lv): v for lv, v in t["per_iteration_s"].items()},
-            "emc_peak_rss_mb": t["peak_rss_mb"], "xrai_s_per_step": xrai["s_per_step"][n],
+            "emc_peak_rss_mb": t["peak_rss_mb"], "xrai_s_per_step": xrai["s_per_step"].get(n),
             "emc_full": full.get(n),
         })
     ns = [r["n"] for r in result["rows"]]
@@ -350,12 +396,17 @@ def main(argv: list[str] | None = None) -> dict:
                          "exponent_time_to_target_upper_half": growth_exponent(ns[-2:], tt[-2:]) if len(ns) > 1 else None,
                          "time_to_target_at_5M_s": a + b * PAPER_N,
                          "s_per_iteration_at_5M": float(np.polyval(np.polyfit(ns, per_it, 1), PAPER_N))}
-    result["xrai"]["exponent_per_step"] = growth_exponent(ns, [xrai["s_per_step"][n] for n in ns])
+    if len(probe_sizes) > 1:
+        result["xrai"]["exponent_per_step"] = growth_exponent(probe_sizes, [xrai["s_per_step"][n] for n in probe_sizes])
     x_total = xrai.get("time_to_target_s") or xrai.get("time_lower_bound_s")
-    if x_total and b > 0:
-        cross = (x_total - a) / b
-        result["crossover_n"] = max(cross, 0.0)
-        result["crossover_is_lower_bound"] = not xrai.get("time_to_target_s")
+    if x_total:
+        bound = not xrai.get("time_to_target_s")
+        # training only (the volume): constant in N
+        result["crossover_n"] = (x_total - a) / b if b > 0 and x_total > a else None
+        # training + the pose of every training image (one inference each): grows with N too
+        result["crossover_n_with_inference"] = (x_total - a) / (b - r_inf) if b > r_inf and x_total > a else None
+        result["crossover_is_lower_bound"] = bound
+        result["xrai_time_with_inference_at_5M_s"] = x_total + r_inf * PAPER_N
     result["load_average"] = {"start": load_start, "end": os.getloadavg()}
     (work / "scaling.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     plot(result, Path(args.plot))
@@ -382,23 +433,29 @@ def print_table(r: dict) -> None:
     for row in r["rows"]:
         cells = [f"{row['n']:,}", f"{row['emc_time_to_target_s']:.0f}", row["emc_source"]]
         cells += [f"{row['emc_s_per_iteration'][str(lv)]:.2f}" for lv in levels]
-        cells += [f"{row['xrai_s_per_step']:.3f}"]
+        cells += [f"{row['xrai_s_per_step']:.3f}" if row["xrai_s_per_step"] else "-"]
         print("| " + " | ".join(cells) + " |")
     f, x = r["emc_fit"], r["xrai"]
     print(f"\nEMC iterations to target (from N={f['counts_from_n']:,}): {f['iterations_to_target']}")
     print(f"growth exponents: EMC per iteration (level {fl}) {f['exponent_per_iteration']:.2f}, EMC time to target "
-          f"{f['exponent_time_to_target']:.2f} (top two sizes {f['exponent_time_to_target_upper_half']:.2f}), "
-          f"X-RAI per step {x['exponent_per_step']:.2f}")
+          f"{f['exponent_time_to_target']:.2f} (top two sizes {f['exponent_time_to_target_upper_half']:.2f})"
+          + (f", X-RAI per step {x['exponent_per_step']:.2f}" if "exponent_per_step" in x else ""))
     print(f"EMC time to target ~ {f['a_s']:.0f} s + {f['b_s_per_image'] * 1e3:.3f} ms x N; at 5M: "
           f"{f['time_to_target_at_5M_s'] / 3600:.1f} h ({f['s_per_iteration_at_5M'] / 60:.0f} min per level-{fl} iteration)")
-    print(f"X-RAI ({x['recipe']}, {x['commit']}): steps to target {x['steps_to_target']} "
-          f"(source: {x['steps_source']}; best test median {x['best_test_pose_median_deg']})")
+    print(f"X-RAI ({x['recipe']}, {x['commit']}): {sum(x['s_per_step'].values()) / len(x['s_per_step']):.3f} s/step, "
+          f"prepare {x['prepare_s']:.0f} s, pose inference {x['inference_s_per_image'] * 1e3:.2f} ms/image; steps to "
+          f"target {x['steps_to_target']} (source: {x['steps_source']}; best test median {x['best_test_pose_median_deg']})")
     if x.get("time_to_target_s"):
         print(f"X-RAI time to target {x['time_to_target_s']:.0f} s")
     elif x.get("time_lower_bound_s"):
         print(f"X-RAI target not reached in {x['steps_run']} steps: time to target > {x['time_lower_bound_s']:.0f} s")
-    if r.get("crossover_n") is not None:
-        print(f"crossover N{' >=' if r['crossover_is_lower_bound'] else ' ~'} {r['crossover_n']:,.0f}")
+    for key, what in (("crossover_n", "training only"), ("crossover_n_with_inference", "with pose inference of all N")):
+        if key in r:
+            val = r[key]
+            print(f"crossover N ({what}): " + ("none" if val is None else
+                  f"{'>= ' if r['crossover_is_lower_bound'] else '~ '}{val:,.0f}"))
+    if "xrai_time_with_inference_at_5M_s" in r:
+        print(f"X-RAI at 5M with pose inference: {r['xrai_time_with_inference_at_5M_s'] / 3600:.1f} h")
     print(f"load average start {r['load_average']['start']}, end {r['load_average']['end']}")
 
 

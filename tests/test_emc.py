@@ -151,6 +151,24 @@ def test_true_model_recovers_test_poses_within_the_grid_resolution(test_scale, l
     assert float(torch.linalg.matrix_norm(A - torch.eye(3, dtype=A.dtype))) < 0.02
 
 
+def test_poisson_photon_data_selects_the_poisson_likelihood_and_matches(test_scale, tmp_path):
+    """Photon-counting data (simulation.poisson_noise): 'auto' picks Poisson, and the true model finds the poses."""
+    from xrai.baselines.emc import resolve_likelihood
+    from xrai.simulate import simulate_dataset
+
+    cfg = copy.deepcopy(test_scale["cfg"])
+    cfg["simulation"]["poisson_noise"] = True
+    simulate_dataset(cfg, test_scale["dir"] / "2CEX_A.cif", "test", 256, tmp_path / "poisson.h5")
+    ds = DiffractionDataset(tmp_path / "poisson.h5")
+    assert resolve_likelihood("auto", ds) == "poisson"
+    assert resolve_likelihood("auto", DiffractionDataset(test_scale["test"])) == "gaussian"
+    emc = _emc(cfg, ds, likelihood="poisson")
+    emc.volume = _true_model(cfg, test_scale["intensity"]).float()
+    _, R = emc.most_likely_poses(ds, 2)
+    err, _ = pose_errors_deg(R, quaternion_to_matrix(ds.read(0, 256)["orientations"].double()))
+    assert summarize_pose_errors(err)["median_deg"] < 0.6 * nominal_spacing_deg(2)
+
+
 def _aligned_amplitude_correlation(volume: torch.Tensor, truth: torch.Tensor, A: torch.Tensor,
                                    grid: ReciprocalGrid) -> list[float]:
     """Per-shell correlation of sqrt(model) with sqrt(truth) seen in the model's frame: I_true(A k)."""
