@@ -19,7 +19,8 @@ depend on what else the machine runs; CPU minutes are the process's own (user + 
 
 Usage::
 
-    python bench/convergence.py --work /tmp/conv --seeds 0 1 2 --markdown docs/bench-convergence.md
+    python bench/convergence.py --work /tmp/conv --seeds 0 1 2 --markdown /tmp/conv/table.md \\
+        --plot docs/convergence-2CEX_A.png
     python bench/convergence.py --work /tmp/conv --only xrai --seeds 0 --steps 2000
     python bench/convergence.py --work /tmp/conv --protein 4AKE --only xrai --seeds 0
     python bench/convergence.py --work /tmp/conv --protein SYN1 --only xrai --seeds 0   # a built structure
@@ -323,13 +324,12 @@ def merged_true_pose_resolution(cfg: dict, paths: dict) -> dict:
     import torch
 
     from xrai.abinitio import XraiRecipe
+    from xrai.config import validate_config
     from xrai.dataset import DiffractionDataset
     from xrai.metrics import shell_correlation
     from xrai.phasing import measured_mask
     from xrai.train import Batch
     from xrai.volume import read_volume_h5
-
-    from xrai.config import validate_config
 
     cfg = validate_config(copy.deepcopy(cfg))
     recipe = XraiRecipe(cfg)
@@ -451,6 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--markdown", default=None, help="also write the table (and the curves as JSON beside it)")
+    p.add_argument("--plot", default=None, help="also plot the curves (PNG)")
     a = p.parse_args(argv)
 
     env = dict(os.environ, **FAST_ENV)
@@ -506,8 +507,10 @@ def main(argv: list[str] | None = None) -> None:
         md = Path(a.markdown)
         md.write_text(text + "\n")
         md.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
-        plot_curves(results, md.with_suffix(".png"), a.protein)
-        print(f"wrote {md}, {md.with_suffix('.json')} and {md.with_suffix('.png')}")
+        print(f"wrote {md} and {md.with_suffix('.json')}")
+    if a.plot:
+        plot_curves(results, Path(a.plot), a.protein)
+        print(f"wrote {a.plot}")
     bad = [r for r in results if r["final"].get("resolution_A") is None or math.isnan(r["final"]["resolution_A"])]
     if bad:
         print("warning: no resolution for", [r["label"] for r in bad])

@@ -267,11 +267,12 @@ class MergedVoxelVolume(nn.Module):
         for corner in range(8):
             offs = torch.tensor([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1], device=k.device)
             ii = i0 + offs
-            w = torch.where(offs.bool(), frac, 1 - frac).prod(dim=-1)
-            ok = ((ii >= 0) & (ii < n)).all(dim=-1)
+            # corners outside the grid get weight 0 (cheaper than boolean indexing)
+            w = torch.where(offs.bool(), frac, 1 - frac).prod(dim=-1) * ((ii >= 0) & (ii < n)).all(dim=-1)
+            ii = ii.clamp(0, n - 1)
             lin = (ii[:, 0] * n + ii[:, 1]) * n + ii[:, 2]
-            acc_v.index_add_(0, lin[ok], (w * values)[ok])
-            acc_w.index_add_(0, lin[ok], w[ok])
+            acc_v.index_add_(0, lin, w * values)
+            acc_w.index_add_(0, lin, w)
         self.weighted_sum.mul_(decay).add_(acc_v.reshape(n, n, n))
         self.weight.mul_(decay).add_(acc_w.reshape(n, n, n))
         self.refresh()
@@ -495,6 +496,11 @@ class XraiRecipe(Recipe):
         loss.backward()
         nn.utils.clip_grad_norm_(model.encoder.parameters(), float(self.tcfg.get("grad_clip", 1.0)))
         optimizer.step()
+        log_every = int(self.tcfg.get("log_every", 50))
+        if step % log_every == 0:
+            logger.info("xrai step %d: q <= %.2f of the corner, grid search won %.0f%% of the targets, "
+                        "volume memory %.0f images", step, s.q_fraction(step), 100 * float(searched.float().mean()),
+                        s.memory(step, total))
         return {"loss": float(loss.detach()), "searched": float(searched.float().mean()),
                 "q_fraction": s.q_fraction(step)}
 

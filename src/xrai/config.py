@@ -164,6 +164,24 @@ def method_runs(cfg: dict) -> dict[str, int]:
     return {m["name"]: int(m.get("runs", 1)) for m in cfg["train"]["methods"]}
 
 
+def method_config(cfg: dict, method: str) -> dict:
+    """A copy of ``cfg`` whose ``train`` section carries the overrides listed with ``method``.
+
+    ``train.methods: [{name: known-pose, steps: 600, decoder: {width: 64}}]`` trains the
+    known-pose bound for 600 steps with a narrower decoder, whatever ``train.steps`` says.
+    """
+    out = copy.deepcopy(cfg)
+    entry = next((m for m in cfg["train"]["methods"] if m["name"] == method), {})
+    for key, value in entry.items():
+        if key in ("name", "runs"):
+            continue
+        if isinstance(value, dict):
+            out["train"][key] = {**out["train"].get(key, {}), **value}
+        else:
+            out["train"][key] = value
+    return out
+
+
 def size_label(n: int) -> str:
     """Human label for a dataset size: 50000 -> '50K', 5000000 -> '5M', 16384 -> '16384'."""
     for div, suffix in ((1_000_000, "M"), (1_000, "K")):

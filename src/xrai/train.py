@@ -529,6 +529,9 @@ def train(
     from xrai.io import provenance, write_run_metadata
     from xrai.utils import pick_device, resource_usage, seed_everything, set_cpu_threads
 
+    from xrai.config import method_config
+
+    cfg = method_config(cfg, method)
     tcfg = cfg["train"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
