@@ -6,7 +6,7 @@
 # leave paper-scale keys behind).
 if not workflow.overwrite_configfiles:
 
-    configfile: "config.yaml"
+    configfile: f"{workflow.basedir}/config.yaml"
 
 
 
