@@ -34,7 +34,7 @@ PLACEHOLDERS = {
     '"FILL_IN_GPU_PARTITION"': f'"{TEST_PARTITION}"',
     '"FILL_IN_ACCOUNT"': f'"{TEST_ACCOUNT}"',
 }
-PIPELINE_TIMEOUT_S = 1200
+PIPELINE_TIMEOUT_S = 2100  # the test-scale pipeline took ~23 min on a loaded 2-core machine
 PREEMPTION_TIMEOUT_S = 900
 
 # What the Slurm executor and Snakemake print for every job.

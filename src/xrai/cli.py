@@ -115,11 +115,10 @@ def run_from_snakemake(smk: object, command: str, args: Sequence[str]) -> None:
     temporary YAML file so that it goes through the same validation as on the
     command line; the rule's first ``log:`` file receives the log lines.
     """
+    import os
     import tempfile
 
     import yaml
-
-    import os
 
     log = list(getattr(smk, "log", []))
     # Jobs sharing a machine must not each take every core: a rule's `threads` is its CPU budget.

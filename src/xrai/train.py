@@ -525,11 +525,10 @@ def train(
     a signal half-way). On SIGTERM / SIGINT the checkpoint is written and
     :class:`TrainingInterrupted` (a ``SystemExit``) is raised.
     """
+    from xrai.config import method_config
     from xrai.dataset import DiffractionDataset
     from xrai.io import provenance, write_run_metadata
     from xrai.utils import pick_device, resource_usage, seed_everything, set_cpu_threads
-
-    from xrai.config import method_config
 
     cfg = method_config(cfg, method)
     tcfg = cfg["train"]
