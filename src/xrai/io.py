@@ -21,7 +21,7 @@ import os
 import platform
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,17 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict], columns: Sequence[str]) -> None:
+    """Write ``rows`` as CSV with ``columns`` (blank where a value is missing or None), atomically."""
+    import csv
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r[k]) for k in columns})
 
 
 def read_json(path: str | os.PathLike) -> Any:

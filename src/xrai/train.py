@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import logging
 import math
 import os
@@ -470,13 +469,9 @@ def write_volume(out_dir: Path, model: Autoencoder, cfg: dict, device: torch.dev
 
 def write_metrics_csv(path: Path, rows: list[dict]) -> None:
     """``metrics.csv`` with :data:`METRIC_COLUMNS` (blank where a value was not measured), atomically."""
-    from xrai.io import atomic_path
+    from xrai.io import write_csv
 
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(METRIC_COLUMNS), extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k, "")) for k in METRIC_COLUMNS})
+    write_csv(path, rows, METRIC_COLUMNS)
 
 
 # --------------------------------------------------------------------------- the loop

@@ -70,7 +70,6 @@ or from Python::
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import math
 import signal
@@ -557,21 +556,6 @@ def _softmax(x: torch.Tensor, prob: bool = True) -> tuple[torch.Tensor | None, t
     return (e.div_(total) if prob else None), log_norm
 
 
-def _softmax(x: torch.Tensor, prob: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Row softmax of ``x`` (B, M) and its log-normaliser (B,) float64, without denormal numbers.
-
-    Terms more than ``_LOG_CUTOFF`` below a row's maximum are set to exactly 0 (relative
-    mass < M e^-50): denormal floats, which an ordinary softmax of sharp posteriors
-    produces, slow the CPU matrix products that follow by an order of magnitude.
-    """
-    m = x.max(dim=1, keepdim=True).values
-    z = x - m
-    e = torch.exp(z.clamp_min(-_LOG_CUTOFF)).masked_fill_(z <= -_LOG_CUTOFF, 0.0)
-    total = e.sum(dim=1, keepdim=True)
-    log_norm = (m + torch.log(total)).squeeze(1).double()
-    return (e.div_(total) if prob else None), log_norm
-
-
 def _quadratic_steps(resid: torch.Tensor, dW1: torch.Tensor, dW2: torch.Tensor, d: torch.Tensor,
                      inv_var: torch.Tensor, max_step: float = 1.0) -> tuple[float, float]:
     """Maximiser ``(a, b)`` in ``[0, max_step]^2`` of the Gaussian expected log-likelihood along ``a dW1 + b dW2``.
@@ -670,13 +654,9 @@ def _write_poses(path: Path, rotations: torch.Tensor, attrs: dict) -> None:
 
 def _write_metrics_csv(path: Path, rows: list[dict]) -> None:
     """``metrics.csv`` with :data:`METRIC_COLUMNS` (blank where not measured), atomically."""
-    from xrai.io import atomic_path
+    from xrai.io import write_csv
 
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(METRIC_COLUMNS), extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k, "")) for k in METRIC_COLUMNS})
+    write_csv(path, rows, METRIC_COLUMNS)
 
 
 def _write_volume(out: Path, volume: torch.Tensor, grid: ReciprocalGrid, prov: dict) -> None:
