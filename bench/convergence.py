@@ -5,7 +5,9 @@ Runs ``xrai train`` (the same entry point as the pipeline) on the demo dataset (
 
 * ``xrai`` (the default recipe, src/xrai/abinitio.py), for several seeds;
 * ``xrai-paper`` (the X-RAI paper's recipe);
-* ``known-pose`` (the paper's decoder with the true rotations: the resolution bound);
+* ``known-pose`` (the paper's FourierNet with the true rotations, with the config's
+  ``train.methods`` overrides) and ``xrai-known-pose`` (the default recipe's merged volume at
+  the true rotations, one pass over the data): the resolution bounds of the two decoders;
 * ablations of ``xrai``, each with one ingredient removed (``--ablations``);
 
 each in its own process with one CPU thread (``--threads``) and the allocator settings of
@@ -47,6 +49,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLDS = (10.0, 5.0, 2.0)
+#: the resolution bounds: each decoder trained at the true poses
+KNOWN_POSE = ("known-pose", "xrai-known-pose")
 #: allocator and OpenMP settings (docs/method.md): fewer page faults, no spinning threads on a busy machine
 FAST_ENV = {
     "MALLOC_MMAP_THRESHOLD_": "33554432",
@@ -54,12 +58,13 @@ FAST_ENV = {
     "MALLOC_TOP_PAD_": "1073741824",
     "OMP_WAIT_POLICY": "PASSIVE",
 }
-#: ablations of the default recipe: name -> (what is removed, train.xrai overrides)
+#: ablations of the default recipe: name -> (what changes, train.xrai overrides)
 ABLATIONS = {
     "no-search": ("no grid search (encoder heads + refinement only)", {"search_steps": 0}),
-    "no-curriculum": ("all pixels from step 0", {"curriculum": [[0, 1.0]]}),
     "one-head": ("1 encoder head instead of 8", {"heads": 1}),
     "no-train-refine": ("no pattern-search refinement of the training targets", {"refine_deg": []}),
+    "curriculum": ("a resolution curriculum: 0.3 of the corner |q| until step 400, all by step 1000",
+                   {"curriculum": [[0, 0.3], [400, 0.3], [700, 0.6], [1000, 1.0]]}),
 }
 
 
@@ -170,7 +175,10 @@ def train_run(cfg: dict, method: str, seed: int, paths: dict, out: Path, threads
     run_cfg = copy.deepcopy(cfg)
     run_cfg["train"]["seed"] = int(seed)
     run_cfg["train"]["num_threads"] = int(threads)
-    run_cfg["train"]["methods"] = [{"name": method, "runs": 1}]
+    # the config's per-method overrides (train.methods[]: decoder, lr, batch_size) apply, as in the pipeline
+    entry = next((dict(m) for m in cfg["train"].get("methods", []) if m.get("name") == method), {"name": method})
+    entry.update(runs=1, steps=int(cfg["train"]["steps"]))
+    run_cfg["train"]["methods"] = [entry]
     cfg_file = out / "bench_config.yaml"
     cfg_file.write_text(yaml.safe_dump(run_cfg, sort_keys=False))
     log = out / "train.log"
@@ -243,7 +251,7 @@ def final_metrics(out: Path, paths: dict, method: str) -> dict:
 
     res: dict = {}
     A = torch.eye(3, dtype=torch.float64)
-    if method != "known-pose":
+    if method not in KNOWN_POSE:
         res["test"] = pose_error_summary(out / "poses_test.h5", paths["test"])
         res["train"] = pose_error_summary(out / "poses_train.h5", paths["train"])
         with h5py.File(out / "poses_test.h5", "r") as f:
@@ -317,42 +325,6 @@ def encoder_only_errors(out: Path, paths: dict) -> dict:
             R_pred.append(recipe.infer_poses(model, b.amplitude, refine=False)[0])
             R_true.append(b.rotations)
     return summarize_pose_errors(pose_errors_deg(torch.cat(R_pred), torch.cat(R_true))[0])
-
-
-def merged_true_pose_resolution(cfg: dict, paths: dict) -> dict:
-    """The resolution bound of the ``xrai`` decoder: every training image merged at its *true* pose."""
-    import torch
-
-    from xrai.abinitio import XraiRecipe
-    from xrai.config import validate_config
-    from xrai.dataset import DiffractionDataset
-    from xrai.metrics import shell_correlation
-    from xrai.phasing import measured_mask
-    from xrai.train import Batch
-    from xrai.volume import read_volume_h5
-
-    cfg = validate_config(copy.deepcopy(cfg))
-    recipe = XraiRecipe(cfg)
-    ds = DiffractionDataset(paths["train"])
-    torch.manual_seed(0)
-    model = recipe.build_model(ds.pixel_position_reciprocal)
-    recipe.prepare(model, ds, torch.device("cpu"))
-    model.decoder.weighted_sum.zero_()
-    model.decoder.weight.zero_()
-    with torch.no_grad():
-        for i in range(0, len(ds), 1024):
-            b = Batch(ds.read(i, min(i + 1024, len(ds))), torch.device("cpu"))
-            k = torch.einsum("bij,pj->bpi", b.rotations, model.q_pixels)
-            model.decoder.merge(k, model.normalise(b.amplitude).reshape(len(b), -1), decay=1.0)
-    grid = model.decoder.grid
-    amp = model.decoder.sample_grid(grid.coordinates(dtype=torch.float32)).double()
-    true_int, _ = read_volume_h5(str(paths["intensity"]), "intensity")
-    inside = measured_mask(grid)
-    nan = torch.full_like(amp, float("nan"))
-    asc = shell_correlation(torch.where(inside, amp, nan), torch.where(inside, true_int.double().clamp_min(0).sqrt(), nan),
-                            grid)
-    return {"asc": asc, "resolution_A": asc_resolution(asc), "asc_mean": asc["mean"],
-            "fsc": phased_fsc(amp.float(), grid, paths, cfg)}
 
 
 def asc_resolution(asc: dict, cutoff: float = 0.5) -> float:
@@ -444,10 +416,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", nargs="+", choices=["xrai", "xrai-paper", "known-pose", "ablations"],
                    default=["xrai", "xrai-paper", "known-pose", "ablations"])
     p.add_argument("--steps", type=int, default=None, help="train.steps of xrai (default: the config's)")
-    p.add_argument("--paper-steps", type=int, default=1000, help="train.steps of xrai-paper")
-    p.add_argument("--known-steps", type=int, default=1000, help="train.steps of known-pose")
-    p.add_argument("--ablation-steps", type=int, default=1500)
+    p.add_argument("--paper-steps", type=int, default=60, help="train.steps of xrai-paper (~30 s a step on one CPU thread)")
+    p.add_argument("--known-steps", type=int, default=None,
+                   help="train.steps of known-pose (default: its train.methods entry's, else train.steps)")
+    p.add_argument("--ablation-steps", type=int, default=None, help="default: the xrai runs' steps")
     p.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS))
+    p.add_argument("--xrai-overrides", default=None, metavar="YAML",
+                   help="mapping merged into train.xrai of the xrai runs, e.g. '{curriculum: [[0, 1.0]]}'")
+    p.add_argument("--label", default=None, help="suffix of the xrai runs' label (and run folder) with --xrai-overrides")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--markdown", default=None, help="also write the table (and the curves as JSON beside it)")
@@ -474,15 +450,22 @@ def main(argv: list[str] | None = None) -> None:
 
     jobs = []
     if "xrai" in a.only:
+        overrides = yaml.safe_load(a.xrai_overrides) if a.xrai_overrides else {}
+        label = "xrai" + (f" {a.label}" if a.label else "")
         for s in a.seeds:
-            jobs.append(("xrai", "xrai", s, a.steps or int(cfg["train"]["steps"]), {}))
+            jobs.append((label, "xrai", s, a.steps or int(cfg["train"]["steps"]), overrides))
     if "xrai-paper" in a.only:
         jobs.append(("xrai-paper", "xrai-paper", 0, a.paper_steps, {}))
     if "known-pose" in a.only:
-        jobs.append(("known-pose", "known-pose", 0, a.known_steps, {}))
+        entry = next((m for m in cfg["train"].get("methods", []) if m.get("name") == "known-pose"), {})
+        jobs.append(("known-pose", "known-pose", 0, a.known_steps or int(entry.get("steps", cfg["train"]["steps"])), {}))
+        # one pass over the training set merges every image once at its true pose
+        n_train = int(cfg["simulation"]["train_sizes"][0])
+        jobs.append(("xrai-known-pose", "xrai-known-pose", 0, math.ceil(n_train / int(cfg["train"]["batch_size"])), {}))
     if "ablations" in a.only:
         for name in a.ablations:
-            jobs.append((f"xrai {name}", "xrai", 0, a.ablation_steps, ABLATIONS[name][1]))
+            jobs.append((f"xrai {name}", "xrai", 0, a.ablation_steps or a.steps or int(cfg["train"]["steps"]),
+                         ABLATIONS[name][1]))
 
     results = []
     for label, method, seed, steps, overrides in jobs:
@@ -495,11 +478,6 @@ def main(argv: list[str] | None = None) -> None:
                "timeline": tl, "targets": time_to_targets(out, tl), "final": final_metrics(out, paths, method)}
         results.append(res)
         print(table([res]).splitlines()[-1], flush=True)
-
-    if "known-pose" in a.only:
-        bound = merged_true_pose_resolution(cfg, paths)
-        results.append({"label": "true poses merged (xrai's decoder)", "method": "known-pose", "seed": "–",
-                        "steps": "–", "targets": None, "timeline": None, "final": bound})
 
     text = table(results)
     print(text)

@@ -25,8 +25,8 @@ from xrai.rotations import RZ_PI, axis_angle_to_matrix, quaternion_to_matrix, ra
 from xrai.so3grid import so3_grid
 from xrai.volume import ReciprocalGrid
 
-#: the CI budget of the ab-initio run: train steps at the test scale (about 1.5 CPU minutes)
-CI_STEPS = 450
+#: the CI budget of the ab-initio run: train steps at the test scale (about 1.3 CPU minutes)
+CI_STEPS = 300
 #: the issue's bar: well below chance (a random pose is ~ 90-100 degrees off)
 CI_MEDIAN_DEG = 20.0
 #: the paper recipe's network, shrunk so that CI can afford the same number of steps
@@ -41,7 +41,7 @@ def test_settings_follow_the_config(test_config):
     s = XraiSettings.from_config(test_config)
     x = test_config["train"]["xrai"]
     assert s.heads == x["heads"] and s.search_steps == x["search_steps"]
-    assert s.curriculum == tuple((int(a), float(b)) for a, b in x["curriculum"])
+    assert s.curriculum == tuple((int(a), float(b)) for a, b in x.get("curriculum", XraiSettings().curriculum))
     # piecewise linear in the step, constant after the last point
     t = XraiSettings(curriculum=((0, 0.2), (100, 0.2), (200, 1.0)))
     assert t.q_fraction(0) == t.q_fraction(100) == pytest.approx(0.2)
@@ -205,3 +205,33 @@ def test_resume_is_bit_identical(test_scale_data, tmp_path):
     assert "decoder.weighted_sum" in a["model"] and float(a["model"]["decoder.weight"].sum()) > 0
     with h5py.File(straight / "poses_test.h5") as fa, h5py.File(resumed / "poses_test.h5") as fb:
         assert (fa["rotations"][...] == fb["rotations"][...]).all()
+
+
+def test_known_pose_merge_is_the_default_recipes_bound(test_scale_data, tmp_path):
+    """``xrai-known-pose``: one pass merging every image at its true pose recovers the true amplitude.
+
+    Against sqrt(true intensity), the shell correlation is >= 0.95 on every shell the detector
+    covers in full, and the poses files hold the ground truth (no pose error is reported).
+    """
+    from xrai.geometry import Beam, Detector
+    from xrai.metrics import shell_correlation
+    from xrai.volume import read_volume_h5
+
+    data = test_scale_data
+    n = int(data["cfg"]["simulation"]["train_sizes"][0])
+    steps = n // int(data["cfg"]["train"]["batch_size"])
+    config = _config(data, tmp_path / "config.yaml", steps=steps, eval_every=steps, checkpoint_every=steps,
+                     eval_images=64, device="cpu")
+    out = tmp_path / "xrai-known-pose"
+    assert _train(data, config, "xrai-known-pose", out) is None  # ground-truth poses: no pose error
+    with h5py.File(out / "poses_train.h5") as f, h5py.File(data["train"]) as d:
+        assert f.attrs["source"] == "ground_truth"
+        R_true = quaternion_to_matrix(torch.from_numpy(d["orientations"][...]).double())
+        torch.testing.assert_close(torch.from_numpy(f["rotations"][...]).double(), R_true, atol=1e-6, rtol=0)
+    amp, grid = read_volume_h5(str(out / "intensity.h5"), "amplitude")
+    true_amp, true_grid = read_volume_h5(str(data["intensity"]), "amplitude")
+    assert grid == true_grid
+    det, beam = Detector.from_config(data["cfg"]), Beam.from_config(data["cfg"])
+    covered = int(float(det.pixel_position_reciprocal(beam)[det.n_pixels // 2, 0].norm()) / grid.dq)
+    corr = shell_correlation(amp, true_amp, grid)["corr"]
+    assert min(corr[1:covered + 1]) >= 0.95, corr[1:covered + 1]  # measured 0.959-0.98 (2048 images)

@@ -34,10 +34,10 @@ def test_dry_run_paper_config_lists_every_job(tmp_path):
     res = snakemake("-n", "--directory", str(tmp_path))
     assert res.returncode == 0, res.stderr
     counts = job_counts(res.stdout)
-    # 2 proteins x (3 train sets + 1 test set); 2 x 3 x (5 X-RAI runs + 1 known-pose run)
+    # 2 proteins x (3 train sets + 1 test set); 2 x 3 x (5 X-RAI runs + 2 known-pose bounds)
     assert counts["simulate"] == 8
-    assert counts["train"] == 36
-    assert counts["evaluate"] == counts["phase"] == 12
+    assert counts["train"] == 42
+    assert counts["evaluate"] == counts["phase"] == 18
     assert counts["table"] == 1
     for n in (50000, 500000, 5000000):
         assert f"results/datasets/2CEX_A/train_{n}.h5" in res.stdout

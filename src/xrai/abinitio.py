@@ -88,8 +88,8 @@ class XraiSettings:
     lr: float = 1e-3
     lr_final_fraction: float = 0.1
     search_level: int = 2
-    search_steps: int = 1500
-    curriculum: tuple[tuple[int, float], ...] = ((0, 0.3), (400, 0.3), (700, 0.6), (1000, 1.0))
+    search_steps: int = 750
+    curriculum: tuple[tuple[int, float], ...] = ((0, 1.0),)
     pixels: int = 256
     refine_deg: tuple[float, ...] = (8.0, 4.0, 2.0, 1.0, 0.5)
     infer_refine_deg: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5, 0.25)
@@ -432,15 +432,22 @@ class XraiRecipe(Recipe):
         dec.scale.fill_(scale)
         dec.radial.copy_(radial / scale)
         model.update_profile()
-        # the first volume: images at random poses (a near-isotropic start that breaks the symmetry)
+        self.initial_volume(model, amp)
+        logger.info("xrai: radial profile from %d images (mean amplitude %.4g); volume %d^3", len(amp), scale,
+                    dec.grid.size)
+
+    @torch.no_grad()
+    def initial_volume(self, model: XraiModel, amp: torch.Tensor) -> None:
+        """The first volume: images at random poses (a near-isotropic start that breaks the symmetry)."""
+        s = self.settings
+        dec = model.decoder
         m = min(len(amp), s.memory_images[0])
-        R0 = quaternion_to_matrix(random_quaternions(m)).float().to(device)
+        R0 = quaternion_to_matrix(random_quaternions(m)).float().to(amp.device)
         pixels = self._pixels_within(model, s.q_fraction(0))
         z = model.normalise(amp[:m]).reshape(m, -1)[:, pixels]
         k = torch.einsum("bij,pj->bpi", R0, model.q_pixels[pixels])
         dec.merge(k, z, decay=0.0)
-        logger.info("xrai: radial profile from %d images (mean amplitude %.4g); volume %d^3 started from %d "
-                    "images at random poses", len(amp), scale, dec.grid.size, m)
+        logger.info("xrai: first volume merged from %d images at random poses", m)
 
     # -- helpers
     @staticmethod
@@ -529,4 +536,41 @@ class XraiRecipe(Recipe):
         R, branch = self.infer_poses(model, batch.amplitude)
         prediction = model.render(R)
         per_image = ((prediction - batch.amplitude) ** 2).flatten(1).mean(1)
+        return SymmetrizedLoss(per_image.mean(), per_image, branch, R, prediction)
+
+
+class XraiKnownPoseRecipe(XraiRecipe):
+    """``method: xrai-known-pose``: the default recipe's merged volume at the *true* poses.
+
+    The resolution bound of ``method: xrai`` (as ``known-pose`` is the bound of the paper's
+    FourierNet): the same radial normalisation and voxel grid, every pixel of every batch
+    merged at its true rotation, nothing forgotten. No encoder is trained; one pass over the
+    data (``steps * batch_size >= N``) merges every image once.
+    """
+
+    name = "xrai-known-pose"
+    learns_poses = False
+
+    @torch.no_grad()
+    def initial_volume(self, model: XraiModel, amp: torch.Tensor) -> None:
+        """Start empty: every merged image sits at its true pose."""
+
+    @torch.no_grad()
+    def training_step(self, model: XraiModel, optimizer: torch.optim.Optimizer, batch: Batch, step: int) -> dict:
+        B = len(batch)
+        z_flat = model.normalise(batch.amplitude).reshape(B, -1)
+        R = batch.rotations.to(z_flat.dtype)
+        # loss of the volume so far at the true poses (on the batch, before merging it): a progress measure
+        pixels = torch.arange(z_flat.shape[1], device=z_flat.device)
+        loss = candidate_losses(model, R[:, None], z_flat, pixels).mean()
+        k = torch.einsum("bij,pj->bpi", R, model.q_pixels)
+        model.decoder.merge(k, z_flat, decay=1.0)
+        return {"loss": float(loss)}
+
+    @torch.no_grad()
+    def infer(self, model: XraiModel, batch: Batch) -> SymmetrizedLoss:
+        R = batch.rotations.to(batch.amplitude.dtype)
+        prediction = model.render(R)
+        per_image = ((prediction - batch.amplitude) ** 2).flatten(1).mean(1)
+        branch = torch.zeros(len(batch), dtype=torch.int8, device=R.device)
         return SymmetrizedLoss(per_image.mean(), per_image, branch, R, prediction)

@@ -11,7 +11,7 @@ For the best run of a (protein, dataset size, method):
    (:func:`xrai.metrics.shell_correlation`);
 4. the paper's pose error (appendix A.1, :func:`xrai.metrics.pose_errors_deg`) of the
    encoder's poses on the train and test sets, each set aligned by its own global
-   rotation; ``null`` for ``known-pose`` runs (their poses are the ground truth);
+   rotation; ``null`` for the known-pose bounds (their poses files hold the ground truth);
 5. times: the training wall time from the run's ``metrics.csv`` and Snakemake's
    benchmark files (``<benchmarks>/train/{protein}/{size}/{method}/run{k}.tsv`` and
    ``<benchmarks>/phase/{protein}/{size}/{method}.tsv``, column ``s``) when present.
@@ -220,9 +220,7 @@ def evaluate(
     pose = {}
     for split, data in (("train", train_data), ("test", test_data)):
         poses_path = run_dir / f"poses_{split}.h5"
-        if method == "known-pose":
-            pose[split] = None
-        elif not poses_path.exists():
+        if not poses_path.exists():
             logger.warning("%s: no poses file; pose_error_%s is null", poses_path, split)
             pose[split] = None
         else:

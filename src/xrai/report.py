@@ -32,7 +32,8 @@ METHOD_NAMES = {
     "xrai": "X-RAI",
     "xrai-paper": "X-RAI (paper recipe)",
     "emc": "EMC",
-    "known-pose": "Known poses (bound)",
+    "known-pose": "Known poses, FourierNet (bound)",
+    "xrai-known-pose": "Known poses, merged volume (bound)",
 }
 
 
@@ -124,7 +125,7 @@ HEADER = ["Dataset", "Method", "Time", "Resolution (pixels) ↓", "Train Error (
 FOOTNOTE = ("Pose errors in degrees after global alignment with the in-plane π ambiguity folded (appendix A.1); "
             "MSE is given as the root-mean-square error in degrees, the unit of the paper's column. "
             "Resolution: FSC = 0.5 against the reference density, box / shell (Nyquist = 2 px). "
-            "Best value per protein in bold. n/a: not applicable (the known-pose bound has no estimated poses).")
+            "Best value per protein in bold. n/a: not applicable (the known-pose bounds have no estimated poses).")
 
 
 def table_markdown(rows: list[Row]) -> str:

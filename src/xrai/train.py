@@ -235,6 +235,7 @@ RECIPES: dict[str, type[Recipe]] = _RecipeRegistry({
     "xrai-paper": PaperRecipe,
     "known-pose": KnownPoseRecipe,
     "xrai": "xrai.abinitio:XraiRecipe",
+    "xrai-known-pose": "xrai.abinitio:XraiKnownPoseRecipe",
 })
 
 

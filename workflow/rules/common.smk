@@ -24,7 +24,7 @@ wildcard_constraints:
     protein="[A-Za-z0-9][A-Za-z0-9_.-]*",
     size=r"\d+",
     split="train|test",
-    method="xrai|xrai-paper|known-pose|emc",
+    method="xrai|xrai-paper|known-pose|xrai-known-pose|emc",
     run=r"\d+",
 
 

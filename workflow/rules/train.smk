@@ -1,5 +1,5 @@
 rule train:
-    """One reconstruction run: X-RAI (default), the paper's recipe, or known poses. Resumable."""
+    """One reconstruction run: X-RAI (default), the paper's recipe, or a known-pose bound. Resumable."""
     input:
         train=dataset("{protein}", "train", "{size}"),
         test=dataset("{protein}", "test", TEST_SIZE),
@@ -14,7 +14,7 @@ rule train:
     benchmark:
         f"{RES}/benchmarks/train/{{protein}}/{{size}}/{{method}}/run{{run}}.tsv"
     wildcard_constraints:
-        method="xrai|xrai-paper|known-pose",
+        method="xrai|xrai-paper|known-pose|xrai-known-pose",
     conda:
         "../../envs/xrai.yaml"
     threads: rule_threads("train")
