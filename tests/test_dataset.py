@@ -89,6 +89,18 @@ def test_shuffled_pass_is_a_reproducible_permutation_with_bounded_memory(dataset
     assert sum(rows_in_memory) < N
 
 
+def test_true_rotations_read_only_the_orientations(dataset_file, monkeypatch):
+    from xrai.rotations import quaternion_to_matrix
+
+    ds = DiffractionDataset(dataset_file)
+    expected = quaternion_to_matrix(ds.read(0, len(ds))["orientations"].double())
+    monkeypatch.setattr(DiffractionDataset, "read", lambda *a, **k: pytest.fail("images were read"))
+    torch.testing.assert_close(ds.true_rotations(), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ds.true_rotations([3, 0]), expected[[3, 0]], atol=1e-6, rtol=0)
+    with pytest.raises(XraiError, match=f"{dataset_file.name}.*out of range"):
+        ds.true_rotations([len(ds)])
+
+
 def test_errors_name_the_file(tmp_path, dataset_file):
     with pytest.raises(XraiError, match="missing.h5: dataset file not found"):
         DiffractionDataset(tmp_path / "missing.h5")

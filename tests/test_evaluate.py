@@ -122,8 +122,21 @@ def test_evaluate_writes_known_metrics(reference, run, tmp_path):
 
 
 def test_known_pose_has_no_pose_error(reference, run, tmp_path):
+    """Poses files that hold the ground truth (a known-pose bound) give no pose error, whatever the method."""
+    import shutil
+
+    import h5py
+
+    known = tmp_path / "known"
+    shutil.copytree(run, known)
+    best = json.loads((known / "xrai" / "best.json").read_text())
+    best["run_dir"] = str(known / "xrai" / "run0")
+    (known / "xrai" / "best.json").write_text(json.dumps(best))
+    for split in ("train", "test"):
+        with h5py.File(known / "xrai" / "run0" / f"poses_{split}.h5", "a") as f:
+            f.attrs["source"] = "ground_truth"
     out = tmp_path / "metrics.json"
-    assert _evaluate(reference, run, "known-pose", out) == 0
+    assert _evaluate(reference, known, "xrai-known-pose", out) == 0
     m = json.loads(out.read_text())
     assert m["pose_error_train"] is None and m["pose_error_test"] is None
     assert m["time_s"]["train"] == 31.5  # no benchmark file for this method: the training log's clock

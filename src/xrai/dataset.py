@@ -210,6 +210,22 @@ class DiffractionDataset:
         self._check_finite(out["images"], start, stop)
         return out
 
+    def true_rotations(self, index: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
+        """Ground-truth rotation matrices ``(N, 3, 3)`` float64 of images ``index`` (all by default).
+
+        Reads only the ``orientations`` dataset (16 bytes per image), never the images.
+        Example: ``DiffractionDataset("test_10000.h5").true_rotations([0, 5])``.
+        """
+        from xrai.rotations import quaternion_to_matrix
+
+        quats = torch.from_numpy(np.asarray(self._open()["orientations"][...], dtype=np.float64))
+        if index is None:
+            return quaternion_to_matrix(quats)
+        index = torch.as_tensor(np.asarray(index), dtype=torch.long)
+        if len(index) and (int(index.min()) < 0 or int(index.max()) >= self.n_images):
+            raise self._err(f"image index out of range [0, {self.n_images}) (poses written for another dataset?)")
+        return quaternion_to_matrix(quats[index])
+
     def _pack(self, imgs: np.ndarray, orient: np.ndarray, index: np.ndarray, f) -> dict[str, torch.Tensor]:
         out = {
             "images": torch.from_numpy(np.ascontiguousarray(imgs, dtype=np.float32)),

@@ -72,19 +72,10 @@ def read_poses(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, str]:
 
 def true_rotations(dataset: str | Path, index: torch.Tensor) -> torch.Tensor:
     """Ground-truth rotations ``(N, 3, 3)`` of images ``index`` of a diffraction dataset (only orientations are read)."""
-    import h5py
-
     from xrai.dataset import DiffractionDataset
-    from xrai.rotations import quaternion_to_matrix
 
     with DiffractionDataset(dataset) as ds:  # validates the file
-        n = len(ds)
-        path = ds.path
-    if len(index) and (int(index.min()) < 0 or int(index.max()) >= n):
-        raise XraiError(f"{dataset}: pose index out of range [0, {n}) (poses written for another dataset?)")
-    with h5py.File(path, "r") as f:
-        quats = torch.from_numpy(np.asarray(f["orientations"][...], dtype=np.float64))
-    return quaternion_to_matrix(quats[index])
+        return ds.true_rotations(index)
 
 
 def pose_error_summary(poses_path: str | Path, dataset: str | Path) -> dict | None:

@@ -207,7 +207,6 @@ def _pose_errors(r: Reconstruction, split: str) -> np.ndarray | None:
 
     from xrai.dataset import DiffractionDataset
     from xrai.metrics import pose_errors_deg
-    from xrai.rotations import quaternion_to_matrix
 
     path = r.run_dir / f"poses_{split}.h5"
     if not path.exists():
@@ -217,11 +216,8 @@ def _pose_errors(r: Reconstruction, split: str) -> np.ndarray | None:
             return None
         pred = torch.from_numpy(f["rotations"][...]).double()
         index = f["index"][...]
-    ds = DiffractionDataset(r.dataset_path(split))
-    quats = ds.read(0, len(ds))["orientations"] if len(ds) <= 200_000 else None
-    if quats is None:
-        return None
-    true = quaternion_to_matrix(torch.as_tensor(quats).double()[torch.as_tensor(index).long()])
+    with DiffractionDataset(r.dataset_path(split)) as ds:
+        true = ds.true_rotations(index)
     errors, _ = pose_errors_deg(pred, true)
     return errors.numpy()
 

@@ -685,11 +685,8 @@ def train_pose_error(run_dir: str | os.PathLike, max_images: int = SELECT_MAX_IM
             dataset = f.attrs["dataset"]
     except (OSError, KeyError) as exc:
         raise XraiError(f"{p}: not a poses file with 'rotations', 'index' and attr 'dataset' ({exc})") from None
-    ds = DiffractionDataset(dataset)  # validates the file (shape of 'orientations' included)
-    # only the orientations: reading them through ds.read would read every image too
-    with h5py.File(ds.path, "r") as f:
-        quats = torch.from_numpy(np.asarray(f["orientations"][...], dtype=np.float64))
-    R_true = quaternion_to_matrix(quats[index])
+    with DiffractionDataset(dataset) as ds:  # validates the file (shape of 'orientations' included)
+        R_true = ds.true_rotations(index)
     return summarize_pose_errors(pose_errors_deg(R_pred, R_true)[0])
 
 
