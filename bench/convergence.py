@@ -10,8 +10,7 @@ Runs ``xrai train`` (the same entry point as the pipeline) on the demo dataset (
   the true rotations, one pass over the data): the resolution bounds of the two decoders;
 * ablations of ``xrai``, each with one ingredient removed (``--ablations``);
 
-each in its own process with one CPU thread (``--threads``) and the allocator settings of
-docs/method.md, and prints one table row per run: steps, wall-clock minutes and CPU minutes
+each in its own process with one CPU thread (``--threads``), and prints one table row per run: steps, wall-clock minutes and CPU minutes
 to < 10, < 5, < 2 degrees (median over ``train.eval_images`` test images, evaluated every
 ``--eval-every`` steps), the final median / fractions over *all* test images (the poses
 file), and the resolution of the amplitude volume against the true one (the shell where
@@ -51,13 +50,6 @@ REPO = Path(__file__).resolve().parents[1]
 THRESHOLDS = (10.0, 5.0, 2.0)
 #: the resolution bounds: each decoder trained at the true poses
 KNOWN_POSE = ("known-pose", "xrai-known-pose")
-#: allocator and OpenMP settings (docs/method.md): fewer page faults, no spinning threads on a busy machine
-FAST_ENV = {
-    "MALLOC_MMAP_THRESHOLD_": "33554432",
-    "MALLOC_TRIM_THRESHOLD_": "100000000000",
-    "MALLOC_TOP_PAD_": "1073741824",
-    "OMP_WAIT_POLICY": "PASSIVE",
-}
 #: ablations of the default recipe: name -> (what changes, train.xrai overrides)
 ABLATIONS = {
     "no-search": ("no grid search (encoder heads + refinement only)", {"search_steps": 0}),
@@ -430,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--plot", default=None, help="also plot the curves (PNG)")
     a = p.parse_args(argv)
 
-    env = dict(os.environ, **FAST_ENV)
+    env = dict(os.environ)
     env.setdefault("XRAI_PDB_MIRROR", str(REPO.parent / "shared" / "pdb"))
     work = Path(a.work)
     cfg_path = Path(a.config)

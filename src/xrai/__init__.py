@@ -6,7 +6,12 @@ Usage::
     print(xrai.__version__)
 """
 
+import os
 from importlib.metadata import PackageNotFoundError, version
+
+# Idle OpenMP threads sleep instead of spinning: on a CPU shared with other jobs, spinning threads
+# made a training step ~10x slower (docs/method.md). Only takes effect if torch is not loaded yet.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
     __version__ = version("xrai")

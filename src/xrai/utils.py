@@ -32,9 +32,38 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+#: glibc mallopt parameters: keep freed memory instead of returning it to the kernel after every step
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def tune_allocator() -> bool:
+    """Stop glibc's malloc from unmapping and re-faulting large buffers at every step.
+
+    The same as ``MALLOC_MMAP_THRESHOLD_=32MiB MALLOC_TRIM_THRESHOLD_=huge MALLOC_TOP_PAD_=1GiB``,
+    set from inside the process: page faults took half of a CPU training step without it
+    (shared/notes/convergence-findings.md). Returns False where there is no glibc (nothing changes).
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others: no mallopt
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, 32 * 2**20) == 1
+    ok &= mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    ok &= mallopt(_M_TOP_PAD, 2**30) == 1
+    return bool(ok)
+
+
 def set_cpu_threads(n: int = 0) -> int:
     """Use ``n`` intra-op threads. 0: ``XRAI_THREADS`` (set from a Snakemake rule's ``threads``),
-    else the CPUs this process may use (e.g. Slurm's cpus-per-task)."""
+    else the CPUs this process may use (e.g. Slurm's cpus-per-task). Also :func:`tune_allocator`."""
+    tune_allocator()
     if n <= 0:
         n = int(os.environ.get("XRAI_THREADS", "0") or 0)
     if n <= 0:
