@@ -267,6 +267,11 @@ def final_metrics(out: Path, paths: dict, method: str) -> dict:
     return res
 
 
+def _jsonable(o):
+    """numpy / torch values as JSON (lists and numbers)."""
+    return o.tolist() if hasattr(o, "tolist") else str(o)
+
+
 def cfg_of(out: Path) -> dict:
     from xrai.config import load_config
 
@@ -343,7 +348,7 @@ def table(results: list[dict]) -> str:
     for r in results:
         cells = [r["label"], str(r["seed"]), str(r["steps"])]
         for thr in THRESHOLDS:
-            if r.get("targets") is None:
+            if r.get("targets") is None or r["method"] in KNOWN_POSE:
                 cells.append("n/a")
                 continue
             hit = r["targets"].get(f"lt{thr:g}")
@@ -466,8 +471,14 @@ def main(argv: list[str] | None = None) -> None:
         run_cfg["train"].setdefault("xrai", {}).update(overrides)
         out = work / "runs" / a.protein / label.replace(" ", "_") / f"seed{seed}"
         tl = train_run(run_cfg, method, seed, paths, out, a.threads, env)
+        final_file = out / "final.json"  # the final metrics of a finished run are computed once
+        if final_file.exists() and final_file.stat().st_mtime >= (out / "metrics.csv").stat().st_mtime:
+            final = json.loads(final_file.read_text())
+        else:
+            final = final_metrics(out, paths, method)
+            final_file.write_text(json.dumps(final, default=_jsonable))
         res = {"label": label, "method": method, "seed": seed, "steps": steps, "overrides": overrides,
-               "timeline": tl, "targets": time_to_targets(out, tl), "final": final_metrics(out, paths, method)}
+               "timeline": tl, "targets": time_to_targets(out, tl), "final": final}
         results.append(res)
         print(table([res]).splitlines()[-1], flush=True)
 
@@ -476,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.markdown:
         md = Path(a.markdown)
         md.write_text(text + "\n")
-        md.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+        md.with_suffix(".json").write_text(json.dumps(results, indent=1, default=_jsonable))
         print(f"wrote {md} and {md.with_suffix('.json')}")
     if a.plot:
         plot_curves(results, Path(a.plot), a.protein)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,11 +117,13 @@ def figure_densities(recs: list[Reconstruction], out_dir: Path) -> None:
         half = vol.shape[0] * vs / 2
         for j, img in enumerate(_views(vol)):
             ax = axes[i, j]
-            ax.imshow(img, origin="lower", cmap="magma", extent=(-half, half, -half, half))
+            # density >= 0 in every row (the reference's small negative ripples would lift its background)
+            ax.imshow(img, origin="lower", cmap="magma", extent=(-half, half, -half, half), vmin=0.0,
+                      vmax=max(float(img.max()), 1e-12))
             if i == 0:
                 ax.set_title(titles[j], fontsize=9)
             if j == 0:
-                ax.set_ylabel(f"{label}\nÅ", fontsize=9)
+                ax.set_ylabel(f"{textwrap.fill(label, 24)}\nÅ", fontsize=9)
             if i == len(rows) - 1:
                 ax.set_xlabel("Å", fontsize=9)
             ax.tick_params(labelsize=7)
@@ -176,27 +179,35 @@ def figure_training_curves(recs: list[Reconstruction], out_dir: Path) -> None:
             continue
         cols = _read_csv(path)
         step, wall = cols.get("step"), cols.get("wall_s")
-        loss_key = next((k for k in ("loss", "log_likelihood") if k in cols), None)
+        # EMC has no loss (its metrics.csv has a log-likelihood, a different quantity): no line there
         pose_key = _pose_column(cols)
+        # EMC scores the test set once, at the end; its per-iteration curve is on training images
+        per_iteration = pose_key is None or np.isfinite(cols[pose_key]).sum() < 2
+        if per_iteration and "train_pose_median_deg" in cols:
+            pose_key, pose_label, style = "train_pose_median_deg", f"{r.label} (training images)", "--"
+        else:
+            pose_label, style = r.label, "-"
         for j, x in enumerate((step, None if wall is None else wall / 60)):
             if x is None:
                 continue
-            if loss_key:
-                ok = np.isfinite(cols[loss_key])
-                axes[0, j].plot(x[ok], cols[loss_key][ok], label=r.label)
+            if "loss" in cols:
+                ok = np.isfinite(cols["loss"])
+                axes[0, j].plot(x[ok], cols["loss"][ok], label=r.label)
             if pose_key:
                 ok = np.isfinite(cols[pose_key])
-                axes[1, j].plot(x[ok], cols[pose_key][ok], marker="o", ms=3, label=r.label)
+                axes[1, j].plot(x[ok], cols[pose_key][ok], style, marker="o", ms=3, label=pose_label)
     for j, xl in enumerate(("gradient steps (EMC: iterations)", "wall time (minutes)")):
         axes[0, j].set_ylabel("training loss")
         axes[0, j].set_yscale("log")
-        axes[1, j].set_ylabel("median test pose error (°)")
+        axes[1, j].set_ylabel("median pose error (°)")
         axes[1, j].set_yscale("log")
         axes[1, j].set_xlabel(xl)
         for i in range(2):
             axes[i, j].grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle(f"{recs[0].protein}: training")
+    axes[1, 0].legend(fontsize=8)
+    fig.suptitle(f"{recs[0].protein}: training (losses in each method's own units; pose errors on test images "
+                 "unless marked)")
     _save(fig, out_dir, "training_curves")
 
 
@@ -284,7 +295,7 @@ def figure_images(recs: list[Reconstruction], out_dir: Path, n_images: int = 4) 
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if j == 0:
-                    ax.set_ylabel(f"{r.label}\n{name}" if name == "input" else name, fontsize=8)
+                    ax.set_ylabel(f"{textwrap.fill(r.label, 20)}\n{name}" if name == "input" else name, fontsize=8)
     fig.suptitle(f"{recs[0].protein}, train size {size_label(recs[0].size)}: test images (photons, log scale) "
                  "and decoder output at the predicted pose")
     _save(fig, out_dir, "images")
