@@ -173,7 +173,8 @@ def figure_training_curves(recs: list[Reconstruction], out_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), squeeze=False)
-    for r in recs:
+    for i, r in enumerate(recs):
+        color = f"C{i}"  # one colour per method in every panel
         path = r.run_dir / "metrics.csv"
         if not path.exists():
             continue
@@ -187,15 +188,17 @@ def figure_training_curves(recs: list[Reconstruction], out_dir: Path) -> None:
             pose_key, pose_label, style = "train_pose_median_deg", f"{r.label} (training images)", "--"
         else:
             pose_label, style = r.label, "-"
+        if pose_key is not None and not np.isfinite(cols[pose_key]).any():
+            pose_key = None  # known poses: nothing to plot
         for j, x in enumerate((step, None if wall is None else wall / 60)):
             if x is None:
                 continue
             if "loss" in cols:
                 ok = np.isfinite(cols["loss"])
-                axes[0, j].plot(x[ok], cols["loss"][ok], label=r.label)
+                axes[0, j].plot(x[ok], cols["loss"][ok], color=color, label=r.label)
             if pose_key:
                 ok = np.isfinite(cols[pose_key])
-                axes[1, j].plot(x[ok], cols[pose_key][ok], style, marker="o", ms=3, label=pose_label)
+                axes[1, j].plot(x[ok], cols[pose_key][ok], style, color=color, marker="o", ms=3, label=pose_label)
     for j, xl in enumerate(("gradient steps (EMC: iterations)", "wall time (minutes)")):
         axes[0, j].set_ylabel("training loss")
         axes[0, j].set_yscale("log")
