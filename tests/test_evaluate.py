@@ -14,7 +14,7 @@ from xrai.align import transform_volume
 from xrai.cli import build_parser, main
 from xrai.config import REPO_ROOT
 from xrai.dataset import write_dataset
-from xrai.io import write_json
+from xrai.io import read_mrc, write_json
 from xrai.rotations import (
     RZ_PI,
     angle_between,
@@ -119,6 +119,12 @@ def test_evaluate_writes_known_metrics(reference, run, tmp_path):
     assert t["train"] == 42.25 and t["train_log_wall"] == 31.5
     assert t["phase"] is not None and t["total"] == pytest.approx(t["train"] + t["phase"])
     assert (out.parent / "provenance.json").exists()
+    # the aligned density beside metrics.json is the one the FSC was computed on (the figures show it)
+    from xrai.metrics import fsc
+
+    aligned, voxel = read_mrc(out.parent / "aligned_density.mrc")
+    ref, _ = read_mrc(reference / "density.mrc")
+    np.testing.assert_allclose(fsc(aligned, ref, voxel)["fsc"], m["fsc"]["fsc"], atol=1e-5)
 
 
 def test_known_pose_has_no_pose_error(reference, run, tmp_path):

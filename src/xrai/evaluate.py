@@ -46,6 +46,10 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- inputs
 
 
+#: the aligned phased density, written beside metrics.json
+ALIGNED_DENSITY = "aligned_density.mrc"
+
+
 def read_poses(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, str]:
     """``(rotations (N, 3, 3) float64, index (N,), source)`` from a ``poses_{train,test}.h5`` file.
 
@@ -173,10 +177,15 @@ def evaluate(
     test_data: str | Path,
     benchmarks: str | Path | None,
     cfg: dict,
+    aligned_out: str | Path | None = None,
 ) -> dict:
-    """Compute the content of ``metrics.json`` (see the module docstring)."""
+    """Compute the content of ``metrics.json`` (see the module docstring).
+
+    ``aligned_out``: also write the phased density after the alignment (rotation, shift, hand),
+    in the reference's frame, as MRC (the figures show it beside the reference).
+    """
     from xrai.align import align_volumes
-    from xrai.io import provenance, read_json, read_mrc
+    from xrai.io import provenance, read_json, read_mrc, write_mrc
     from xrai.metrics import fsc, resolution_from_fsc
     from xrai.volume import read_volume_h5
 
@@ -197,6 +206,8 @@ def evaluate(
     box = ref.shape[0]
 
     al = align_volumes(rho, ref, angular_step_deg=step)
+    if aligned_out is not None:
+        write_mrc(aligned_out, np.asarray(al.aligned, dtype=np.float32), ref_voxel)
     curve = fsc(al.aligned, ref, ref_voxel)
     res_px, res_A = resolution_from_fsc(curve, box, ref_voxel, cutoff)
     logger.info("%s %s %s: resolution %.2f px = %.2f Å (FSC %.2f), alignment cc %.3f",
@@ -281,7 +292,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    """``xrai evaluate``: write metrics.json (and the resolved config + provenance beside it)."""
+    """``xrai evaluate``: write metrics.json, and beside it the aligned density (``aligned_density.mrc``),
+    the resolved config and the provenance."""
     from xrai.config import load_config
     from xrai.io import write_json, write_run_metadata
 
@@ -290,6 +302,7 @@ def run(args: argparse.Namespace) -> None:
         protein=args.protein, size=args.size, method=args.method, density=args.density, best=args.best,
         reference=args.reference, reference_intensity=args.reference_intensity, train_data=args.train_data,
         test_data=args.test_data, benchmarks=args.benchmarks, cfg=cfg,
+        aligned_out=Path(args.out).parent / ALIGNED_DENSITY,
     )
     write_json(args.out, metrics)
     write_run_metadata(Path(args.out).parent, cfg)

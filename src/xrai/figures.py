@@ -63,10 +63,13 @@ class Reconstruction:
 
     @property
     def density_path(self) -> Path:
-        aligned = self.metrics_path.parent / "aligned_density.mrc"
-        if aligned.exists():
-            return aligned
-        return self.root / "phased" / self.protein / str(self.size) / self.method / "density.mrc"
+        """The phased density aligned to the reference, written by ``xrai evaluate`` beside metrics.json."""
+        from xrai.evaluate import ALIGNED_DENSITY
+
+        aligned = self.metrics_path.parent / ALIGNED_DENSITY
+        if not aligned.exists():
+            raise XraiError(f"{aligned}: file not found (written by xrai evaluate beside {self.metrics_path.name})")
+        return aligned
 
     def dataset_path(self, split: str) -> Path:
         d = self.root / "datasets" / self.protein

@@ -10,6 +10,7 @@ rule evaluate:
         test=dataset("{protein}", "test", TEST_SIZE),
     output:
         metrics=f"{RES}/metrics/{{protein}}/{{size}}/{{method}}/metrics.json",
+        aligned=f"{RES}/metrics/{{protein}}/{{size}}/{{method}}/aligned_density.mrc",
     log:
         f"{RES}/logs/evaluate/{{protein}}/{{size}}/{{method}}.log",
     benchmark:

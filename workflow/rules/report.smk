@@ -33,6 +33,11 @@ rule figures_protein:
             size=TRAIN_SIZES,
             method=METHODS,
         ),
+        aligned=lambda wc: expand(
+            f"{RES}/metrics/{wc.protein}/{{size}}/{{method}}/aligned_density.mrc",
+            size=TRAIN_SIZES,
+            method=METHODS,
+        ),
         reference=f"{RES}/reference/{{protein}}/density.mrc",
     output:
         densities=report(
