@@ -14,7 +14,8 @@ For the best run of a (protein, dataset size, method):
    rotation; ``null`` for the known-pose bounds (their poses files hold the ground truth);
 5. times: the training wall time from the run's ``metrics.csv`` and Snakemake's
    benchmark files (``<benchmarks>/train/{protein}/{size}/{method}/run{k}.tsv`` and
-   ``<benchmarks>/phase/{protein}/{size}/{method}.tsv``, column ``s``) when present.
+   ``<benchmarks>/phase/{protein}/{size}/{method}.tsv``, column ``s``) when present; the
+   training time is the larger of the two (a resumed run's benchmark covers its last attempt only).
 
 Usage::
 
@@ -238,7 +239,9 @@ def evaluate(
     phase_bench = benchmark_seconds(bench / "phase" / protein / str(size) / f"{method}.tsv") if bench else None
     train_wall = training_wall_seconds(run_dir)
     phase_log = _read_phase_time(Path(density))
-    train_s = train_bench if train_bench is not None else train_wall
+    # a resumed run's benchmark file covers only its last attempt, while the training log's clock
+    # (metrics.csv wall_s) carries on across attempts: the larger one is the run's training time
+    train_s = max((t for t in (train_bench, train_wall) if t is not None), default=None)
     phase_s = phase_bench if phase_bench is not None else phase_log
 
     return {
