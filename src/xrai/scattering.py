@@ -36,7 +36,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as nnf
 
 from xrai.formfactors import (
     atomic_form_factor,
@@ -46,7 +45,7 @@ from xrai.formfactors import (
 )
 from xrai.geometry import Beam, Detector, simulation_mesh
 from xrai.rotations import quaternion_to_matrix
-from xrai.volume import ReciprocalGrid, sample_volume
+from xrai.volume import ReciprocalGrid, sample_volume, trilinear
 
 logger = logging.getLogger(__name__)
 
@@ -211,9 +210,7 @@ class PatternSimulator:
         a = (rot.flip(-2) * scale).float()  # (B, 3, 3): rows z, y, x
         h, w = self.q_pixel.shape[:2]
         coords = torch.matmul(self.q_pixel.reshape(1, -1, 3), a.transpose(-1, -2)).add_(offset)
-        out = nnf.grid_sample(self.mesh_intensity[None, None], coords.reshape(1, 1, 1, -1, 3),
-                            mode="bilinear", padding_mode="zeros", align_corners=True)
-        return out.reshape(-1, h, w)
+        return trilinear(self.mesh_intensity[None], coords).reshape(-1, h, w)
 
     def patterns(self, quaternions: torch.Tensor) -> torch.Tensor:
         """Photons per pixel: ``|F|^2 * fluence * r_e^2 * polarization * solid_angle``, float32 ``(B, H, W)``."""

@@ -79,6 +79,33 @@ class ReciprocalGrid:
         return norm.flip(-1)
 
 
+#: fewest points per thread worth splitting for (below it the split costs more than it saves)
+_POINTS_PER_THREAD = 4096
+
+
+def trilinear(volume: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``grid_sample`` (trilinear, zeros outside, ``align_corners=True``) of ``volume`` ``(C, D, H, W)``
+    at normalised coordinates ``g`` ``(..., 3)`` (grid_sample's (x, y, z) = (W, H, D) order); ``(C, ...)``.
+
+    On the CPU, grid_sample parallelises over its batch dimension only, so the points are split
+    into one batch entry per thread (the volume is broadcast, not copied): 2 threads give ~2x.
+    The values are bit-identical to one call. Differentiable like grid_sample.
+    """
+    c = volume.shape[0]
+    pts = g.reshape(-1, 3)
+    p = pts.shape[0]
+    n = 1
+    if volume.device.type == "cpu":
+        n = max(1, min(torch.get_num_threads(), p // _POINTS_PER_THREAD))
+    per = -(-p // n)
+    if per * n > p:
+        pts = torch.cat([pts, pts.new_zeros(per * n - p, 3)])
+    out = F.grid_sample(volume[None].expand(n, -1, -1, -1, -1), pts.reshape(n, 1, 1, per, 3), mode="bilinear",
+                        padding_mode="zeros", align_corners=True)  # (n, C, 1, 1, per)
+    out = out.reshape(n, c, per).transpose(0, 1).reshape(c, n * per)[:, :p]
+    return out.reshape(c, *g.shape[:-1])
+
+
 def sample_volume(volume: torch.Tensor, k: torch.Tensor, grid: ReciprocalGrid) -> torch.Tensor:
     """Trilinearly interpolate ``volume`` at reciprocal coordinates ``k``.
 
@@ -88,10 +115,7 @@ def sample_volume(volume: torch.Tensor, k: torch.Tensor, grid: ReciprocalGrid) -
     """
     squeeze = volume.dim() == 3
     vol = volume[None] if squeeze else volume
-    batch_shape = k.shape[:-1]
-    g = grid.to_normalized(k.reshape(1, 1, 1, -1, 3).to(vol.dtype))
-    out = F.grid_sample(vol[None], g, mode="bilinear", padding_mode="zeros", align_corners=True)
-    out = out.reshape(vol.shape[0], *batch_shape)
+    out = trilinear(vol, grid.to_normalized(k.to(vol.dtype)))
     return out[0] if squeeze else out
 
 

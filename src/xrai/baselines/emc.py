@@ -80,12 +80,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from xrai.errors import XraiError
 from xrai.rotations import quaternion_to_matrix
 from xrai.so3grid import grid_size, so3_grid, so3_grid_weights
-from xrai.volume import ReciprocalGrid
+from xrai.volume import ReciprocalGrid, trilinear
 
 logger = logging.getLogger(__name__)
 
@@ -294,8 +293,8 @@ class ExpandMaximizeCompress:
         return coords[None, None]
 
     def _interpolate(self, volume: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-        # the same call as xrai.volume.sample_volume (checked against it in tests/test_emc.py)
-        return F.grid_sample(volume, coords, mode="bilinear", padding_mode="zeros", align_corners=True)
+        # the same sampler as xrai.volume.sample_volume (checked against it in tests/test_emc.py)
+        return trilinear(volume[0], coords[0, 0])[None, :, None]
 
     def expand(self, volume: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
         """Slices ``W (M, P) = c_p * volume(R_j q_p)`` (trilinear, 0 outside the grid, as :func:`sample_volume`)."""
