@@ -397,7 +397,7 @@ def plot_curves(results: list[dict], path: Path, protein: str) -> None:
             ax.axhline(thr, color="grey", lw=0.6, ls=":")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("median test pose error (deg)")
-    axes[1].legend(fontsize=7, loc="upper right")
+    axes[1].legend(fontsize=7, loc="center right")
     fig.suptitle(f"Convergence on {protein} (32 px, noise-free)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
