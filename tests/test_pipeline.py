@@ -66,9 +66,11 @@ def test_pipeline_produces_table_figures_and_report(pipeline_dir):
     res = pipeline_dir / "results"
     md = (res / "tables/table1.md").read_text()
     assert "2CEX_A (Train: 2048)" in md
-    assert "| X-RAI |" in md and "Known poses (bound)" in md
-    assert (res / "tables/table1.csv").read_text().count("\n") == 3  # header + 2 methods
+    assert "| X-RAI |" in md and "Known poses, FourierNet (bound)" in md and "Known poses, merged volume (bound)" in md
+    assert (res / "tables/table1.csv").read_text().count("\n") == 4  # header + 3 methods
     assert r"\begin{tabular}" in (res / "tables/table1.tex").read_text()
+    for method in ("xrai", "known-pose", "xrai-known-pose"):  # the density figure shows these aligned maps
+        assert (res / f"metrics/2CEX_A/2048/{method}/aligned_density.mrc").stat().st_size > 1000, method
     for name in ("densities", "fsc", "training_curves", "pose_errors"):
         img = matplotlib.image.imread(res / f"figures/2CEX_A/{name}.png")
         assert img.shape[0] > 200 and img.shape[1] > 200 and img.std() > 0.01, name
