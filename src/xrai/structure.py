@@ -526,7 +526,8 @@ def fetch_structure(
     }
     write_json(out_summary, summary)
     logger.info("%s: %d atoms in chains %s from %s -> %s (Rg %.1f A, extent %.1f A)",
-                name or pdb_id, summary["n_atoms"], ",".join(summary["chains"]), source, out_cif,
+                name or pdb_id, summary["n_atoms"], ",".join(repr(c) if not c.strip() else c for c in summary["chains"]),
+                source, out_cif,
                 summary["radius_of_gyration_A"], summary["max_extent_A"])
     return summary
 
