@@ -8,6 +8,8 @@ Two tables, each row measured in a fresh process (peak memory = that process's V
    step queries the same number of decoder points (64 images at 32 px, 16 at 64 px,
    4 at 128 px: the paper's batch of 64 does not fit this machine's memory above
    32 px); the "per 64 images" column scales the step time linearly to the paper's batch.
+   Then the default recipe (``xrai``) at its batch of 64 for the same sizes (a step of the
+   bounded search phase, the most expensive kind).
 2. **Dataset size**: the same loop streaming shuffled batches of 64 from a 10K- and a
    1M-image file (32 px, simulated with ``xrai simulate``, deleted afterwards), with a
    reduced model so that reading is a visible share of the step: step time, time
@@ -103,20 +105,27 @@ def run_worker(spec: dict) -> dict:
 
 
 def detector_table(cif: Path, tmp: Path, args: argparse.Namespace) -> None:
-    """Step time / throughput / memory of the full paper recipe at 32, 64 and 128 px."""
-    print("\n## Detector size: the paper's recipe (xrai-paper), full architecture\n")
-    print("| detector | batch | decoder points / step | step s | images / s | step s per 64 images | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|")
-    for n_px, batch in ((32, 64), (64, 16), (128, 4))[: 1 if args.quick else 3]:
+    """Step time / throughput / memory at 32, 64 and 128 px: the paper's recipe (full architecture)
+    and the default recipe (``xrai``, its batch of 64 at every size, a step of the bounded search)."""
+    print("\n## Detector size: the paper's recipe (xrai-paper, full architecture) and the default (xrai)\n")
+    print("| method | detector | batch | decoder points / step | step s | images / s | step s per 64 images | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    sizes = (32,) if args.quick else (32, 64, 128)
+    cases = [("xrai-paper", n_px, {32: 64, 64: 16, 128: 4}[n_px]) for n_px in sizes]
+    cases += [("xrai", n_px, 64) for n_px in sizes]
+    for method, n_px, batch in cases:
         cfg = _config(n_px, batch)
         data = tmp / f"det{n_px}.h5"
-        _simulate(cfg, cif, max(256, 4 * batch), data)
-        r = run_worker({"label": f"{n_px}px", "cfg": cfg, "data": str(data), "method": "xrai-paper",
+        if not data.exists():
+            _simulate(cfg, cif, max(256, 4 * batch), data)
+        r = run_worker({"label": f"{method} {n_px}px", "cfg": cfg, "data": str(data), "method": method,
                         "steps": args.steps, "threads": args.threads})
         t = float(np.median(r["step_s"]))
-        print(f"| {n_px} px | {batch} | {2 * batch * n_px * n_px:,} | {t:.2f} | {batch / t:.1f} | "
+        points = f"{2 * batch * n_px * n_px:,}" if method == "xrai-paper" else "–"
+        print(f"| {method} | {n_px} px | {batch} | {points} | {t:.2f} | {batch / t:.1f} | "
               f"{t * 64 / batch:.1f} | {r['peak_rss_mb']:.0f} |", flush=True)
-        data.unlink()
+    for n_px in sizes:
+        (tmp / f"det{n_px}.h5").unlink(missing_ok=True)
 
 
 def dataset_table(cif: Path, tmp: Path, args: argparse.Namespace) -> None:
