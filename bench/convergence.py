@@ -10,8 +10,8 @@ Runs ``xrai train`` (the same entry point as the pipeline) on the demo dataset (
   the true rotations, one pass over the data): the resolution bounds of the two decoders;
 * ablations of ``xrai``, each with one ingredient removed (``--ablations``);
 
-each in its own process with one CPU thread (``--threads``), and prints one table row per run: steps, wall-clock minutes and CPU minutes
-to < 10, < 5, < 2 degrees (median over ``train.eval_images`` test images, evaluated every
+each in its own process with one CPU thread (``--threads``), and prints one table row per run:
+steps, wall-clock minutes and CPU minutes to < 10, < 5, < 2 degrees (median over ``train.eval_images`` test images, evaluated every
 ``--eval-every`` steps), the final median / fractions over *all* test images (the poses
 file), and the resolution of the amplitude volume against the true one (the shell where
 the amplitude shell correlation, after the global rotation found by the pose metric,
@@ -45,6 +45,8 @@ from datetime import datetime
 from pathlib import Path
 
 import yaml
+
+from xrai.config import method_config
 
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLDS = (10.0, 5.0, 2.0)
@@ -167,10 +169,10 @@ def train_run(cfg: dict, method: str, seed: int, paths: dict, out: Path, threads
     run_cfg = copy.deepcopy(cfg)
     run_cfg["train"]["seed"] = int(seed)
     run_cfg["train"]["num_threads"] = int(threads)
-    # the config's per-method overrides (train.methods[]: decoder, lr, batch_size) apply, as in the pipeline
-    entry = next((dict(m) for m in cfg["train"].get("methods", []) if m.get("name") == method), {"name": method})
-    entry.update(runs=1, steps=int(cfg["train"]["steps"]))
-    run_cfg["train"]["methods"] = [entry]
+    # the config's per-method overrides (decoder, lr, batch_size), as in the pipeline; the bench sets the steps
+    steps = int(run_cfg["train"]["steps"])
+    run_cfg["train"] = method_config(run_cfg, method)["train"]
+    run_cfg["train"].update(steps=steps, methods=[{"name": method, "runs": 1}])
     cfg_file = out / "bench_config.yaml"
     cfg_file.write_text(yaml.safe_dump(run_cfg, sort_keys=False))
     log = out / "train.log"
@@ -454,8 +456,8 @@ def main(argv: list[str] | None = None) -> None:
     if "xrai-paper" in a.only:
         jobs.append(("xrai-paper", "xrai-paper", 0, a.paper_steps, {}))
     if "known-pose" in a.only:
-        entry = next((m for m in cfg["train"].get("methods", []) if m.get("name") == "known-pose"), {})
-        jobs.append(("known-pose", "known-pose", 0, a.known_steps or int(entry.get("steps", cfg["train"]["steps"])), {}))
+        known_steps = a.known_steps or int(method_config(cfg, "known-pose")["train"]["steps"])
+        jobs.append(("known-pose", "known-pose", 0, known_steps, {}))
         # one pass over the training set merges every image once at its true pose
         n_train = int(cfg["simulation"]["train_sizes"][0])
         jobs.append(("xrai-known-pose", "xrai-known-pose", 0, math.ceil(n_train / int(cfg["train"]["batch_size"])), {}))

@@ -375,6 +375,13 @@ def encoder_candidates(R_heads: torch.Tensor) -> torch.Tensor:
     return (R_heads[:, :, None] @ f).reshape(R_heads.shape[0], -1, 3, 3)
 
 
+def rendered_loss(model: XraiModel, batch: Batch, R: torch.Tensor, branch: torch.Tensor) -> SymmetrizedLoss:
+    """Per-image L2 between the batch's amplitudes and the volume rendered at poses ``R`` (evaluation)."""
+    prediction = model.render(R)
+    per_image = ((prediction - batch.amplitude) ** 2).flatten(1).mean(1)
+    return SymmetrizedLoss(per_image.mean(), per_image, branch, R, prediction)
+
+
 def distillation_loss(R_heads: torch.Tensor, R_target: torch.Tensor) -> torch.Tensor:
     """Winner-takes-all: squared Frobenius distance of the closest head (R or R @ RZ_PI) to the target, averaged."""
     d = ((encoder_candidates(R_heads) - R_target[:, None]) ** 2).sum(dim=(-1, -2))
@@ -533,10 +540,7 @@ class XraiRecipe(Recipe):
 
     @torch.no_grad()
     def infer(self, model: XraiModel, batch: Batch) -> SymmetrizedLoss:
-        R, branch = self.infer_poses(model, batch.amplitude)
-        prediction = model.render(R)
-        per_image = ((prediction - batch.amplitude) ** 2).flatten(1).mean(1)
-        return SymmetrizedLoss(per_image.mean(), per_image, branch, R, prediction)
+        return rendered_loss(model, batch, *self.infer_poses(model, batch.amplitude))
 
 
 class XraiKnownPoseRecipe(XraiRecipe):
@@ -570,7 +574,4 @@ class XraiKnownPoseRecipe(XraiRecipe):
     @torch.no_grad()
     def infer(self, model: XraiModel, batch: Batch) -> SymmetrizedLoss:
         R = batch.rotations.to(batch.amplitude.dtype)
-        prediction = model.render(R)
-        per_image = ((prediction - batch.amplitude) ** 2).flatten(1).mean(1)
-        branch = torch.zeros(len(batch), dtype=torch.int8, device=R.device)
-        return SymmetrizedLoss(per_image.mean(), per_image, branch, R, prediction)
+        return rendered_loss(model, batch, R, torch.zeros(len(batch), dtype=torch.int8, device=R.device))

@@ -282,28 +282,23 @@ class ExpandMaximizeCompress:
         return quaternion_to_matrix(so3_grid(level)).float().to(self.device)
 
     def _sample_coords(self, rotations: torch.Tensor) -> torch.Tensor:
-        """grid_sample coordinates ``(1, 1, m, P, 3)`` of ``R_j q_p``, exactly :meth:`ReciprocalGrid.to_normalized`.
+        """Normalised coordinates ``(m, P, 3)`` of ``R_j q_p`` for :func:`xrai.volume.trilinear`, exactly
+        :meth:`ReciprocalGrid.to_normalized` (so sampling matches :func:`sample_volume`, tests/test_emc.py).
 
         ``to_normalized`` is affine, ``n(k) = A k + b`` with ``A`` a scaled axis reversal, so
         ``n(R q) = (A R A^-1)(n(q) - b) + b``: one small matrix product per orientation
         instead of normalising every rotated point (half the cost of an expand).
         """
         rot_n = self._axis_flip @ rotations @ self._axis_flip  # A = s F with F = F^-1: A R A^-1 = F R F
-        coords = torch.einsum("mab,pb->mpa", rot_n, self._q_centred) + self._origin
-        return coords[None, None]
-
-    def _interpolate(self, volume: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-        # the same sampler as xrai.volume.sample_volume (checked against it in tests/test_emc.py)
-        return trilinear(volume[0], coords[0, 0])[None, :, None]
+        return torch.einsum("mab,pb->mpa", rot_n, self._q_centred) + self._origin
 
     def expand(self, volume: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
         """Slices ``W (M, P) = c_p * volume(R_j q_p)`` (trilinear, 0 outside the grid, as :func:`sample_volume`)."""
         out = torch.empty((rotations.shape[0], self.q.shape[0]), device=self.device)
         step = max(1, _POINTS_PER_CALL // self.q.shape[0])
-        vol = volume[None, None].float()
+        vol = volume[None].float()
         for s in range(0, rotations.shape[0], step):
-            vals = self._interpolate(vol, self._sample_coords(rotations[s:s + step]))
-            out[s:s + step] = vals.reshape(-1, self.q.shape[0]) * self.c
+            out[s:s + step] = trilinear(vol, self._sample_coords(rotations[s:s + step]))[0] * self.c
         return out
 
     def merge(self, rotations: torch.Tensor, *channels: torch.Tensor) -> list[torch.Tensor]:
@@ -314,15 +309,15 @@ class ExpandMaximizeCompress:
         """
         step = max(1, _POINTS_PER_CALL // self.q.shape[0])
         k = len(channels)
-        probe = torch.zeros((1, k, *self.volume.shape), device=self.device, requires_grad=True)
+        probe = torch.zeros((k, *self.volume.shape), device=self.device, requires_grad=True)
         total = torch.zeros((k, *self.volume.shape), device=self.device)
         shape = (rotations.shape[0], self.q.shape[0])
         with torch.enable_grad():
             for s in range(0, rotations.shape[0], step):
-                out = self._interpolate(probe, self._sample_coords(rotations[s:s + step]))
+                out = trilinear(probe, self._sample_coords(rotations[s:s + step]))  # (k, m, P)
                 grad_out = torch.stack([ch.expand(shape)[s:s + step] for ch in channels])
-                (g,) = torch.autograd.grad(out, probe, grad_out.reshape(out.shape))
-                total += g[0]
+                (g,) = torch.autograd.grad(out, probe, grad_out)
+                total += g
         return list(total)
 
     def slices(self, level: int) -> torch.Tensor:
