@@ -237,11 +237,11 @@ def final_metrics(out: Path, paths: dict, method: str) -> dict:
     import h5py
     import torch
 
-    from xrai.align import transform_volume
-    from xrai.evaluate import pose_error_summary, true_rotations
-    from xrai.metrics import pose_errors_deg, shell_correlation
-    from xrai.phasing import measured_mask
+    from xrai.evaluation.align import transform_volume
+    from xrai.evaluation.evaluate import pose_error_summary, true_rotations
+    from xrai.evaluation.metrics import pose_errors_deg, shell_correlation
     from xrai.volume import read_volume_h5
+    from xrai.xray.phasing import measured_mask
 
     res: dict = {}
     A = torch.eye(3, dtype=torch.float64)
@@ -283,10 +283,10 @@ def cfg_of(out: Path) -> dict:
 def phased_fsc(amplitude, grid, paths: dict, cfg: dict) -> dict:
     """The pipeline's resolution: phase (ER/HIO + shrinkwrap, the config's settings), align to the reference
     density (rotation, shift, hand), FSC 0.5 -- as ``xrai phase`` and ``xrai evaluate`` do."""
-    from xrai.align import align_volumes
+    from xrai.evaluation.align import align_volumes
+    from xrai.evaluation.metrics import fsc, resolution_from_fsc
     from xrai.io import read_mrc
-    from xrai.metrics import fsc, resolution_from_fsc
-    from xrai.phasing import measured_mask, phase_er_hio
+    from xrai.xray.phasing import measured_mask, phase_er_hio
 
     pc = cfg["phasing"]
     res = phase_er_hio(amplitude, n_starts=int(pc["n_starts"]), n_iterations=int(pc["n_iterations"]),
@@ -305,16 +305,17 @@ def encoder_only_errors(out: Path, paths: dict) -> dict:
     """Test pose error of the trained ``xrai`` encoder alone (best head, no refinement): the amortized part."""
     import torch
 
-    from xrai.abinitio import XraiRecipe
     from xrai.config import load_config
-    from xrai.dataset import DiffractionDataset
-    from xrai.metrics import pose_errors_deg, summarize_pose_errors
-    from xrai.train import Batch
+    from xrai.data.hdf5 import DiffractionDataset
+    from xrai.evaluation.metrics import pose_errors_deg, summarize_pose_errors
+    from xrai.recon.abinitio import XraiRecipe
+    from xrai.recon.recipe import Batch
+    from xrai.recon.train import imaging_model
 
     cfg = load_config(out / "bench_config.yaml")
     recipe = XraiRecipe(cfg)
     ds = DiffractionDataset(paths["test"])
-    model = recipe.build_model(ds.pixel_position_reciprocal)
+    model = recipe.build_model(imaging_model(cfg, ds))
     model.load_state_dict(torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["model"])
     model.eval()
     R_pred, R_true = [], []

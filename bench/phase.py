@@ -1,6 +1,6 @@
 """Benchmark: ER/HIO + shrinkwrap phasing time per grid size (prints a Markdown table).
 
-Times ``xrai.phasing.phase_er_hio`` on the amplitudes of a synthetic Gaussian-blob
+Times ``xrai.xray.phasing.phase_er_hio`` on the amplitudes of a synthetic Gaussian-blob
 density (the cost does not depend on the content) for each grid size, number of
 random starts and number of CPU threads, and projects the time of the pipeline's
 phasing settings (``n_starts x n_iterations`` of config.yaml / config/demo.yaml /
@@ -21,8 +21,8 @@ import time
 import numpy as np
 import torch
 
-from xrai.phasing import measured_mask, phase_er_hio
 from xrai.volume import ReciprocalGrid
+from xrai.xray.phasing import measured_mask, phase_er_hio
 
 
 def blob_amplitudes(n: int, seed: int = 0) -> tuple[torch.Tensor, ReciprocalGrid]:

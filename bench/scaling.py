@@ -3,7 +3,7 @@
 For N in ``--sizes`` (default 2K, 8K, 32K, 128K images of 2CEX chain A at the ``--config`` scale,
 32 px for config/demo.yaml), on this machine:
 
-* EMC (``xrai.baselines.emc``, the config's ``emc`` schedule):
+* EMC (``xrai.recon.emc``, the config's ``emc`` schedule):
   - *measured*: a full ``run_emc`` for N <= ``--emc-full-max``; the time to target is the wall
     time at the first iteration whose median train pose error is below ``--target-deg``;
   - *timed*: for every N, ``--timed-iterations`` iterations at each level of the schedule
@@ -58,8 +58,8 @@ logger = logging.getLogger("bench.scaling")
 
 def prepare_data(cfg: dict, work: Path, sizes: list[int], n_test: int, mirror: Path) -> dict:
     """Structure, one training file per N (each a prefix of the largest: same seeds) and a test file."""
-    from xrai.simulate import simulate_dataset
     from xrai.structure import fetch_structure
+    from xrai.xray.simulate import simulate_dataset
 
     cif = work / "2CEX_A.cif"
     if not cif.exists():
@@ -83,7 +83,7 @@ def prepare_data(cfg: dict, work: Path, sizes: list[int], n_test: int, mirror: P
 
 def emc_full_run(cfg: dict, train: Path, test: Path, out: Path, target: float) -> dict:
     """A full ``run_emc``; per-level iteration counts and seconds, and the time to the target pose error."""
-    from xrai.baselines.emc import run_emc
+    from xrai.recon.emc import run_emc
 
     if out.exists():
         import shutil
@@ -109,11 +109,11 @@ def emc_full_run(cfg: dict, train: Path, test: Path, out: Path, target: float) -
 
 def emc_timed(cfg: dict, train: Path, levels: list[int], iterations: int) -> dict:
     """Seconds of the initial pass and per iteration at each level (model from a random start, beta = 1)."""
-    from xrai.baselines.emc import EMCSettings, ExpandMaximizeCompress
-    from xrai.dataset import DiffractionDataset
-    from xrai.geometry import reciprocal_grid
-    from xrai.train import detector_pixel_factor
+    from xrai.data.hdf5 import DiffractionDataset
+    from xrai.recon.emc import EMCSettings, ExpandMaximizeCompress
     from xrai.utils import resource_usage
+    from xrai.xray.geometry import reciprocal_grid
+    from xrai.xray.imaging import detector_pixel_factor
 
     s = EMCSettings.from_config(cfg)
     ds = DiffractionDataset(train)
@@ -138,7 +138,7 @@ def emc_timed(cfg: dict, train: Path, levels: list[int], iterations: int) -> dic
 
 
 def xrai_recipe() -> dict:
-    from xrai.train import RECIPES
+    from xrai.recon.recipes import RECIPES
 
     recipe = RECIPES["xrai"]
     try:
@@ -163,8 +163,8 @@ def xrai_run(cfg: dict, train: Path, test: Path, out: Path, steps: int, eval_eve
     With ``target``, the run stops at the first evaluation whose test pose median is below it
     (read from the checkpoint written at every evaluation) and the rows so far are returned.
     """
-    from xrai.train import load_checkpoint
-    from xrai.train import train as run_train
+    from xrai.recon.train import load_checkpoint
+    from xrai.recon.train import train as run_train
 
     c = copy.deepcopy(cfg)
     c["train"].update(steps=steps, eval_every=eval_every, log_every=min(10, steps),
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
     load_start = os.getloadavg()
     files = prepare_data(cfg, work, args.sizes, args.test_images, mirror)
 
-    from xrai.baselines.emc import EMCSettings
+    from xrai.recon.emc import EMCSettings
 
     settings = EMCSettings.from_config(cfg)
     result: dict = {"config": args.config, "image_px": cfg["detector"]["n_pixels"], "grid": cfg["volume"]["grid_size"],

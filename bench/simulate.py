@@ -54,7 +54,7 @@ def skopi_slicing_rate(volume: np.ndarray, voxel_m: float, det_s, quats: np.ndar
 
 def peak_memory_run(cfg_path: Path, cif: Path, n: int, out: Path) -> dict:
     code = (
-        "import json, sys; from xrai.config import load_config; from xrai.simulate import simulate_dataset; "
+        "import json, sys; from xrai.config import load_config; from xrai.xray.simulate import simulate_dataset; "
         f"s = simulate_dataset(load_config({str(cfg_path)!r}), {str(cif)!r}, 'train', {n}, {str(out)!r}); "
         # VmHWM: this process's own peak (ru_maxrss would include the forking parent's)
         "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
@@ -76,12 +76,12 @@ def main() -> None:
     import yaml
 
     from xrai.config import load_config
-    from xrai.geometry import Beam, Detector, simulation_mesh
     from xrai.rotations import random_quaternions
-    from xrai.scattering import PatternSimulator, centred_positions, structure_factor_mesh
-    from xrai.simulate import disk_plan_table, simulate_dataset
     from xrai.structure import read_atoms
     from xrai.utils import set_cpu_threads
+    from xrai.xray.geometry import Beam, Detector, simulation_mesh
+    from xrai.xray.scattering import PatternSimulator, centred_positions, structure_factor_mesh
+    from xrai.xray.simulate import disk_plan_table, simulate_dataset
 
     threads = set_cpu_threads(0)
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "

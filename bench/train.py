@@ -54,7 +54,7 @@ def _config(n_pixels: int, batch: int, train: dict | None = None) -> dict:
 
 
 def _simulate(cfg: dict, cif: Path, n: int, out: Path) -> float:
-    from xrai.simulate import simulate_dataset
+    from xrai.xray.simulate import simulate_dataset
 
     t = time.perf_counter()
     simulate_dataset(cfg, cif, "train", n, out)
@@ -65,8 +65,10 @@ def worker(spec: dict) -> dict:
     """Time ``steps`` training steps after one warm-up step; return the measurements (runs in a child process)."""
     import torch
 
-    from xrai.dataset import DiffractionDataset
-    from xrai.train import Batch, BatchStream, get_recipe
+    from xrai.data.hdf5 import DiffractionDataset
+    from xrai.recon.recipe import Batch
+    from xrai.recon.recipes import get_recipe
+    from xrai.recon.train import BatchStream, imaging_model
     from xrai.utils import seed_everything, set_cpu_threads
 
     set_cpu_threads(spec["threads"])
@@ -75,7 +77,7 @@ def worker(spec: dict) -> dict:
     ds = DiffractionDataset(spec["data"])
     recipe = get_recipe(spec["method"], cfg)
     seed_everything(0)
-    model = recipe.build_model(ds.pixel_position_reciprocal).to(device)
+    model = recipe.build_model(imaging_model(cfg, ds)).to(device)
     optimizer = recipe.build_optimizer(model)
     recipe.prepare(model, ds, device)
     stream = BatchStream(ds, int(cfg["train"]["batch_size"]), seed=0)

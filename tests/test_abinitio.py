@@ -11,7 +11,8 @@ import h5py
 import pytest
 import torch
 
-from xrai.abinitio import (
+from xrai.config import validate_config
+from xrai.recon.abinitio import (
     MergedVoxelVolume,
     XraiRecipe,
     XraiSettings,
@@ -20,7 +21,6 @@ from xrai.abinitio import (
     grid_search,
     refine_poses,
 )
-from xrai.config import validate_config
 from xrai.rotations import RZ_PI, axis_angle_to_matrix, quaternion_to_matrix, random_quaternions
 from xrai.so3grid import so3_grid
 from xrai.volume import ReciprocalGrid
@@ -83,14 +83,15 @@ def test_distillation_is_winner_takes_all_modulo_the_in_plane_flip():
 @pytest.fixture(scope="module")
 def true_volume_model(test_scale_data):
     """An xrai model whose volume is the *true* amplitude, profile from the data (prepare)."""
-    from xrai.dataset import DiffractionDataset
+    from xrai.data.hdf5 import DiffractionDataset
+    from xrai.recon.train import imaging_model
     from xrai.volume import read_volume_h5
 
     cfg = copy.deepcopy(test_scale_data["cfg"])
     recipe = XraiRecipe(cfg)
     ds = DiffractionDataset(test_scale_data["test"])
     torch.manual_seed(0)
-    model = recipe.build_model(ds.pixel_position_reciprocal)
+    model = recipe.build_model(imaging_model(cfg, ds))
     recipe.prepare(model, ds, torch.device("cpu"))
     true_int, grid = read_volume_h5(str(test_scale_data["intensity"]), "intensity")
     dec = model.decoder
@@ -102,9 +103,9 @@ def true_volume_model(test_scale_data):
 
 def test_grid_search_and_refinement_find_the_true_poses(true_volume_model):
     """Against the true volume, a 15-degree grid search + pattern search lands within ~1 degree."""
-    from xrai.metrics import fold_in_plane
+    from xrai.evaluation.metrics import fold_in_plane
+    from xrai.recon.recipe import Batch
     from xrai.rotations import angle_between
-    from xrai.train import Batch
 
     recipe, model, ds = true_volume_model
     batch = Batch(ds.read(0, 48), torch.device("cpu"))
@@ -138,7 +139,7 @@ def _config(data: dict, path, **train) -> str:
 
 def _train(data: dict, config: str, method: str, out) -> dict:
     from xrai.cli import main
-    from xrai.evaluate import pose_error_summary
+    from xrai.evaluation.evaluate import pose_error_summary
 
     argv = ["train", "--config", config, "--method", method, "--run", "0", "--train-data", str(data["train"]),
             "--test-data", str(data["test"]), "--out-dir", str(out)]
@@ -181,7 +182,7 @@ def test_resume_is_bit_identical(test_scale_data, tmp_path):
     import signal
 
     from xrai.config import load_config
-    from xrai.train import TrainingInterrupted, train
+    from xrai.recon.train import TrainingInterrupted, train
 
     data = test_scale_data
     xrai = dict(data["cfg"]["train"]["xrai"], infer_refine_deg=[1.0])  # cheaper pose files: not under test here
@@ -213,9 +214,9 @@ def test_known_pose_merge_is_the_default_recipes_bound(test_scale_data, tmp_path
     Against sqrt(true intensity), the shell correlation is >= 0.95 on every shell the detector
     covers in full, and the poses files hold the ground truth (no pose error is reported).
     """
-    from xrai.geometry import Beam, Detector
-    from xrai.metrics import shell_correlation
+    from xrai.evaluation.metrics import shell_correlation
     from xrai.volume import read_volume_h5
+    from xrai.xray.geometry import Beam, Detector
 
     data = test_scale_data
     n = int(data["cfg"]["simulation"]["train_sizes"][0])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from xrai.align import align_volumes, invert_volume, rotation_grid, transform_volume
+from xrai.evaluation.align import align_volumes, invert_volume, rotation_grid, transform_volume
 from xrai.rotations import angle_between, quaternion_to_matrix, random_quaternions
 
 N = 32

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from xrai.dataset import DiffractionDataset, write_dataset, write_sharded_master
+from xrai.data.hdf5 import DiffractionDataset, write_dataset, write_sharded_master
 from xrai.errors import XraiError
 
 N, H, W = 1000, 8, 8

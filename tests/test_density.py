@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from xrai.cli import main
-from xrai.density import amplitudes_from_density, reference_density, true_intensity
 from xrai.errors import XraiError
-from xrai.formfactors import electron_count
-from xrai.geometry import reciprocal_grid
 from xrai.io import read_mrc
 from xrai.volume import ReciprocalGrid, read_volume_h5
+from xrai.xray.density import amplitudes_from_density, reference_density, true_intensity
+from xrai.xray.formfactors import electron_count
+from xrai.xray.geometry import reciprocal_grid
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,16 @@ import pytest
 import torch
 import yaml
 
-from xrai.baselines.emc import EMCSettings, ExpandMaximizeCompress, friedel_symmetrize
 from xrai.cli import main
-from xrai.dataset import DiffractionDataset
-from xrai.geometry import Beam, Detector, reciprocal_grid
-from xrai.metrics import pose_errors_deg, shell_correlation, summarize_pose_errors
+from xrai.data.hdf5 import DiffractionDataset
+from xrai.evaluation.metrics import pose_errors_deg, shell_correlation, summarize_pose_errors
+from xrai.recon.emc import EMCSettings, ExpandMaximizeCompress, friedel_symmetrize
+from xrai.recon.train import TrainingInterrupted
 from xrai.rotations import quaternion_to_matrix, random_quaternions
 from xrai.so3grid import nominal_spacing_deg, so3_grid
-from xrai.train import TrainingInterrupted, detector_pixel_factor
 from xrai.volume import ReciprocalGrid, insert_trilinear, read_volume_h5, sample_volume
+from xrai.xray.geometry import Beam, Detector, reciprocal_grid
+from xrai.xray.imaging import detector_pixel_factor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,9 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_scale(tmp_path_factory, pdb_mirror):
     """2CEX chain A at the test scale (32 px, 2048 train / 512 test images, noise-free) and its true intensity."""
     from xrai.config import load_config
-    from xrai.density import write_reference
-    from xrai.simulate import simulate_dataset
     from xrai.structure import fetch_structure
+    from xrai.xray.density import write_reference
+    from xrai.xray.simulate import simulate_dataset
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     cfg = load_config(REPO / "config" / "test.yaml")
@@ -153,8 +154,8 @@ def test_true_model_recovers_test_poses_within_the_grid_resolution(test_scale, l
 
 def test_poisson_photon_data_selects_the_poisson_likelihood_and_matches(test_scale, tmp_path):
     """Photon-counting data (simulation.poisson_noise): 'auto' picks Poisson, and the true model finds the poses."""
-    from xrai.baselines.emc import resolve_likelihood
-    from xrai.simulate import simulate_dataset
+    from xrai.recon.emc import resolve_likelihood
+    from xrai.xray.simulate import simulate_dataset
 
     cfg = copy.deepcopy(test_scale["cfg"])
     cfg["simulation"]["poisson_noise"] = True
@@ -259,7 +260,7 @@ def test_cli_writes_the_outputs_of_train_and_resumes(test_scale, tmp_path):
 
 
 def test_sigterm_checkpoints_and_the_rerun_resumes(test_scale, tmp_path):
-    from xrai.baselines.emc import run_emc
+    from xrai.recon.emc import run_emc
 
     cfg = copy.deepcopy(test_scale["cfg"])
     cfg["emc"].update(levels=[0], level_iterations=[], n_iterations=2)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from xrai.align import transform_volume
 from xrai.cli import build_parser, main
 from xrai.config import REPO_ROOT
-from xrai.dataset import write_dataset
+from xrai.data.hdf5 import write_dataset
+from xrai.evaluation.align import transform_volume
 from xrai.io import read_mrc, write_json
 from xrai.rotations import (
     RZ_PI,
@@ -31,10 +31,10 @@ G = quaternion_to_matrix(random_quaternions(1, torch.Generator().manual_seed(21)
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, pdb_mirror):
-    """2CEX chain A on the test-scale grid: reference density MRC and true intensity HDF5 (xrai.density)."""
+    """2CEX chain A on the test-scale grid: reference density MRC and true intensity HDF5 (xrai.xray.density)."""
     from xrai.config import load_config
-    from xrai.density import write_reference
     from xrai.structure import fetch_structure
+    from xrai.xray.density import write_reference
 
     d = tmp_path_factory.mktemp("reference")
     fetch_structure({"pdb": "2CEX", "chains": ["A"]}, {"mirror": str(pdb_mirror)}, d / "2CEX_A.cif", d / "2CEX_A.json")
@@ -120,7 +120,7 @@ def test_evaluate_writes_known_metrics(reference, run, tmp_path):
     assert t["phase"] is not None and t["total"] == pytest.approx(t["train"] + t["phase"])
     assert (out.parent / "provenance.json").exists()
     # the aligned density beside metrics.json is the one the FSC was computed on (the figures show it)
-    from xrai.metrics import fsc
+    from xrai.evaluation.metrics import fsc
 
     aligned, voxel = read_mrc(out.parent / "aligned_density.mrc")
     ref, _ = read_mrc(reference / "density.mrc")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from xrai.geometry import Beam, Detector, reciprocal_grid, simulation_mesh
 from xrai.rotations import RZ_PI
+from xrai.xray.geometry import Beam, Detector, reciprocal_grid, simulation_mesh
 
 PAPER = dict(n_pixels=128, side_m=0.1, distance_m=0.2)
 BEAM = dict(photon_energy_ev=4600.0, photons_per_pulse=1e12, focus_radius_m=0.5e-6)

@@ -1,15 +1,15 @@
-"""The symmetrized L2 loss of equation 4 (xrai.losses), on images sliced from a known volume."""
+"""The symmetrized L2 loss of equation 4 (xrai.recon.losses), on images sliced from a known volume."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from xrai.geometry import Beam, Detector
-from xrai.losses import plain_l2, rotate_pi, symmetrized_l2
-from xrai.models import rotate_ewald
+from xrai.recon.losses import plain_l2, rotate_pi, symmetrized_l2
 from xrai.rotations import RZ_PI, angle_between, quaternion_to_matrix, random_quaternions
 from xrai.volume import ReciprocalGrid, sample_volume
+from xrai.xray.geometry import Beam, Detector
+from xrai.xray.imaging import EwaldImaging
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def scene():
     vol = torch.nn.functional.conv3d(noise, k3 / k3.sum(), padding=3)[0, 0].abs() + 0.05
 
     def slice_at(R: torch.Tensor) -> torch.Tensor:
-        return sample_volume(vol, rotate_ewald(R, E), grid)
+        return sample_volume(vol, EwaldImaging(E).coordinates(R), grid)
 
     R = quaternion_to_matrix(random_quaternions(16, torch.Generator().manual_seed(1))).float()
     return slice_at, R

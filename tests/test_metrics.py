@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from xrai.metrics import (
+from xrai.evaluation.metrics import (
     aligned_folded_rotations,
     frobenius_sq_error,
     fsc,

@@ -1,13 +1,12 @@
-"""Encoder, FourierNet and the Ewald-sphere query of the autoencoder (xrai.models)."""
+"""Encoder, FourierNet and the Ewald-sphere query of the autoencoder (xrai.recon.models)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from xrai.geometry import Beam, Detector
-from xrai.losses import rotate_pi
-from xrai.models import Autoencoder, FourierNet, GaussianPyramid, VGGEncoder, rotate_ewald
+from xrai.recon.losses import rotate_pi
+from xrai.recon.models import Autoencoder, FourierNet, GaussianPyramid, VGGEncoder
 from xrai.rotations import (
     RZ_PI,
     matrix_to_sixd,
@@ -15,6 +14,8 @@ from xrai.rotations import (
     random_quaternions,
     sixd_to_matrix,
 )
+from xrai.xray.geometry import Beam, Detector
+from xrai.xray.imaging import EwaldImaging
 
 
 def _ewald(n_pixels: int = 32) -> torch.Tensor:
@@ -102,7 +103,7 @@ def test_fouriernet_is_exactly_centrosymmetric_and_non_negative():
 
 def test_fouriernet_is_not_centrosymmetric_by_accident_of_the_input():
     # the symmetry comes from the even first layer: an odd input feature breaks it for a plain SIREN layer
-    from xrai.models import SineLayer
+    from xrai.recon.models import SineLayer
 
     torch.manual_seed(1)
     layer = SineLayer(3, 16, omega0=30, is_first=True)
@@ -113,7 +114,7 @@ def test_fouriernet_is_not_centrosymmetric_by_accident_of_the_input():
 def test_ewald_coordinates_rotate_with_the_pose():
     E = _ewald(32)
     R = _rotations(5, 2)
-    k = rotate_ewald(R, E)
+    k = EwaldImaging(E).coordinates(R)
     assert k.shape == (5, 32, 32, 3)
     # k[b, h, w] = R[b] @ E[h, w]
     for b, (h, w) in [(0, (0, 0)), (3, (17, 5)), (4, (31, 31))]:
@@ -123,7 +124,7 @@ def test_ewald_coordinates_rotate_with_the_pose():
     # the decoder is queried at R @ E (an Ewald slice, not a central slice: k_z != 0 in the detector frame)
     torch.manual_seed(0)
     dec = FourierNet(q_max=float(E.norm(dim=-1).max()), width=32)
-    model = Autoencoder(dec, E)
+    model = Autoencoder(dec, EwaldImaging(E))
     with torch.no_grad():
         pred, R_out = model(torch.zeros(5, 32, 32), R)
         assert torch.equal(R_out, R)
@@ -136,7 +137,7 @@ def test_pi_rotated_image_is_the_pose_times_rz_pi():
     E = _ewald(32)
     R = _rotations(4, 3)
     torch.manual_seed(0)
-    model = Autoencoder(FourierNet(q_max=float(E.norm(dim=-1).max()), width=32), E)
+    model = Autoencoder(FourierNet(q_max=float(E.norm(dim=-1).max()), width=32), EwaldImaging(E))
     with torch.no_grad():
         img = model.render(R)
         img_pi = model.render(R @ RZ_PI.float())
@@ -145,7 +146,7 @@ def test_pi_rotated_image_is_the_pose_times_rz_pi():
 
 def test_autoencoder_without_encoder_needs_poses():
     E = _ewald(16)
-    model = Autoencoder(FourierNet(q_max=0.1, width=16), E)
+    model = Autoencoder(FourierNet(q_max=0.1, width=16), EwaldImaging(E))
     with pytest.raises(ValueError, match="poses"):
         model(torch.rand(2, 16, 16))
 

@@ -8,23 +8,23 @@ import numpy as np
 import pytest
 import torch
 
-from xrai.align import align_volumes
 from xrai.cli import main
 from xrai.config import REPO_ROOT
+from xrai.evaluation.align import align_volumes
+from xrai.evaluation.metrics import fsc
 from xrai.io import read_mrc, write_json
-from xrai.metrics import fsc
-from xrai.phasing import measured_mask, phase_er_hio
 from xrai.volume import read_volume_h5, write_volume_h5
+from xrai.xray.phasing import measured_mask, phase_er_hio
 
 TEST_CONFIG = str(REPO_ROOT / "config" / "test.yaml")
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, pdb_mirror):
-    """2CEX chain A on the test-scale grid: reference density MRC and true intensity HDF5 (xrai.density)."""
+    """2CEX chain A on the test-scale grid: reference density MRC and true intensity HDF5 (xrai.xray.density)."""
     from xrai.config import load_config
-    from xrai.density import write_reference
     from xrai.structure import fetch_structure
+    from xrai.xray.density import write_reference
 
     d = tmp_path_factory.mktemp("reference")
     fetch_structure({"pdb": "2CEX", "chains": ["A"]}, {"mirror": str(pdb_mirror)}, d / "2CEX_A.cif", d / "2CEX_A.json")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from xrai.cli import main
-from xrai.report import format_time, load_rows, table_latex, table_markdown
+from xrai.report.table import format_time, load_rows, table_latex, table_markdown
 
 
 def _metrics(tmp_path, protein, size, method, res, train, test, time_s):

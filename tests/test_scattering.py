@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from xrai.formfactors import atomic_form_factor, electron_count, form_factor_coefficients
-from xrai.geometry import Beam, Detector, simulation_mesh
 from xrai.rotations import RZ_PI, quaternion_to_matrix, random_quaternions
-from xrai.scattering import (
+from xrai.volume import ReciprocalGrid
+from xrai.xray.formfactors import atomic_form_factor, electron_count, form_factor_coefficients
+from xrai.xray.geometry import Beam, Detector, simulation_mesh
+from xrai.xray.scattering import (
     PatternSimulator,
     centred_positions,
     molecule_centre,
@@ -19,7 +20,6 @@ from xrai.scattering import (
     structure_factor_mesh,
     structure_factors,
 )
-from xrai.volume import ReciprocalGrid
 
 BEAM = Beam(photon_energy_ev=4600.0, photons_per_pulse=1e12, focus_radius_m=0.5e-6)
 PAPER_DET = Detector(128, 0.1, 0.2)

@@ -11,11 +11,11 @@ import torch
 import yaml
 
 from xrai.cli import main
-from xrai.dataset import DiffractionDataset
+from xrai.data.hdf5 import DiffractionDataset
 from xrai.errors import XraiError
-from xrai.geometry import Beam, Detector
-from xrai.scattering import PatternSimulator, centred_positions
-from xrai.simulate import dataset_bytes, orientations_for, planned_bytes, simulate_dataset
+from xrai.xray.geometry import Beam, Detector
+from xrai.xray.scattering import PatternSimulator, centred_positions
+from xrai.xray.simulate import dataset_bytes, orientations_for, planned_bytes, simulate_dataset
 
 
 @pytest.fixture(scope="module")

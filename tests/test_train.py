@@ -1,4 +1,4 @@
-"""Training loop (xrai.train): known-pose reconstruction, bit-identical resume, SIGTERM, outputs, select-best."""
+"""Training loop (xrai.recon.train): known-pose reconstruction, bit-identical resume, SIGTERM, outputs, select-best."""
 
 from __future__ import annotations
 
@@ -66,10 +66,10 @@ OUTPUTS = ("checkpoint.pt", "metrics.csv", "poses_train.h5", "poses_test.h5", "i
 
 def test_known_pose_learns_the_true_amplitude(test_scale_data, tmp_path):
     """Known poses at the test scale: the learned amplitude correlates >= 0.9 with the truth on every covered shell."""
-    from xrai.geometry import Beam, Detector, reciprocal_grid
+    from xrai.evaluation.metrics import shell_correlation
     from xrai.io import read_mrc
-    from xrai.metrics import shell_correlation
     from xrai.volume import read_volume_h5
+    from xrai.xray.geometry import Beam, Detector, reciprocal_grid
 
     data = test_scale_data
     # the paper's decoder (3 + 2 sine layers, omega0 30 / 40) at width 64 and a larger lr: about a minute of CPU
@@ -148,7 +148,7 @@ def test_known_pose_learns_the_true_amplitude(test_scale_data, tmp_path):
 def test_resume_is_bit_identical(test_scale_data, tmp_path):
     """N steps straight == N/2 steps, SIGTERM, resume to N: parameters, optimizer, outputs equal bit for bit (CPU)."""
     from xrai.config import load_config
-    from xrai.train import TrainingInterrupted, train
+    from xrai.recon.train import TrainingInterrupted, train
 
     data = test_scale_data
     # batch 200 -> 11 batches per pass (the last one short): the runs cross an epoch boundary
@@ -243,7 +243,9 @@ def test_checkpoint_of_another_run_is_refused(test_scale_data, tmp_path):
 
 
 def test_recipes_dispatch():
-    from xrai.train import RECIPES, KnownPoseRecipe, PaperRecipe, Recipe, get_recipe
+    from xrai.recon.paper import KnownPoseRecipe, PaperRecipe
+    from xrai.recon.recipe import Recipe
+    from xrai.recon.recipes import RECIPES, get_recipe
 
     assert set(RECIPES) >= {"xrai", "xrai-paper", "known-pose"}
     assert issubclass(RECIPES["xrai"], Recipe)

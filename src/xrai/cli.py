@@ -2,8 +2,8 @@
 
 Every Snakemake rule calls these same entry points (through ``scripts/``), so a
 step runs identically with or without Snakemake. Each step lives in its own
-module, which provides ``add_arguments(parser)`` and ``run(args)``; modules are
-imported only when their subcommand is used, so ``xrai --help`` stays fast.
+module, which provides ``add_arguments(parser)`` and ``run(args)``; the modules are
+ordinary imports, so the import graph shows every command's code.
 
 Usage::
 
@@ -14,28 +14,31 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from xrai import __version__
+from xrai import __version__, structure
 from xrai.errors import XraiError
+from xrai.evaluation import evaluate
+from xrai.recon import emc, train
+from xrai.report import figures, table
+from xrai.xray import density, phasing, simulate
 
 logger = logging.getLogger(__name__)
 
-#: subcommand -> (module, add_arguments function, run function, help)
-COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "fetch": ("xrai.structure", "add_arguments", "run", "fetch a PDB entry, select chains, write mmCIF + summary"),
-    "simulate": ("xrai.simulate", "add_arguments", "run", "simulate an SPI diffraction dataset to HDF5"),
-    "reference": ("xrai.density", "add_arguments", "run", "reference electron density and true intensity volume"),
-    "train": ("xrai.train", "add_arguments", "run", "train a reconstruction (X-RAI, paper recipe, known poses)"),
-    "select-best": ("xrai.train", "add_select_arguments", "run_select", "pick the best of several runs by train pose error"),
-    "emc": ("xrai.baselines.emc", "add_arguments", "run", "non-amortized EMC baseline reconstruction"),
-    "phase": ("xrai.phasing", "add_arguments", "run", "phase an amplitude volume with ER/HIO + shrinkwrap"),
-    "evaluate": ("xrai.evaluate", "add_arguments", "run", "align, FSC and pose errors -> metrics.json"),
-    "table": ("xrai.report", "add_table_arguments", "run_table", "the paper's Table 1 from metrics.json files"),
-    "figures": ("xrai.figures", "add_arguments", "run", "figures for the report"),
+#: subcommand -> (add_arguments, run, help)
+COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
+    "fetch": (structure.add_arguments, structure.run, "fetch a PDB entry, select chains, write mmCIF + summary"),
+    "simulate": (simulate.add_arguments, simulate.run, "simulate an SPI diffraction dataset to HDF5"),
+    "reference": (density.add_arguments, density.run, "reference electron density and true intensity volume"),
+    "train": (train.add_arguments, train.run, "train a reconstruction (X-RAI, paper recipe, known poses)"),
+    "select-best": (train.add_select_arguments, train.run_select, "pick the best of several runs by train pose error"),
+    "emc": (emc.add_arguments, emc.run, "non-amortized EMC baseline reconstruction"),
+    "phase": (phasing.add_arguments, phasing.run, "phase an amplitude volume with ER/HIO + shrinkwrap"),
+    "evaluate": (evaluate.add_arguments, evaluate.run, "align, FSC and pose errors -> metrics.json"),
+    "table": (table.add_table_arguments, table.run_table, "the paper's Table 1 from metrics.json files"),
+    "figures": (figures.add_arguments, figures.run, "figures for the report"),
 }
 
 
@@ -65,20 +68,19 @@ def _log_to_files(message: str) -> None:
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The top-level parser; only ``command``'s module is imported (all of them for ``--help``)."""
+    """The top-level parser; with ``command`` given, only that subcommand's arguments are added."""
     parser = argparse.ArgumentParser(prog="xrai", description="X-RAI reconstruction pipeline steps.")
     parser.add_argument("--version", action="version", version=f"xrai {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, add_fn, run_fn, help_text) in COMMANDS.items():
+    for name, (add_fn, run_fn, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--log", metavar="FILE", help="also append log lines to FILE")
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         p.add_argument("--config", metavar="YAML", default="config.yaml",
                        help="pipeline config (validated against the schema; default: config.yaml)")
         if command is None or command == name:
-            mod = importlib.import_module(module)
-            getattr(mod, add_fn)(p)
-            p.set_defaults(_run=getattr(mod, run_fn))
+            add_fn(p)
+            p.set_defaults(_run=run_fn)
     return parser
 
 

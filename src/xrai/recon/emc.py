@@ -48,7 +48,7 @@ independent of the number of images. The orientation grid is refined on a schedu
 and the relative log-likelihood change both fall below ``emc.tolerance``.
 
 Outputs (``--out-dir``, the same files as ``xrai train``): ``intensity.h5`` (``intensity``,
-``amplitude`` on :func:`xrai.geometry.reciprocal_grid`), ``amplitude.mrc``, ``poses_train.h5``
+``amplitude`` on :func:`xrai.xray.geometry.reciprocal_grid`), ``amplitude.mrc``, ``poses_train.h5``
 (the most likely orientation of each training image at the last iteration) and
 ``poses_test.h5`` (test images matched against the final model at the finest level),
 ``metrics.csv``, ``config.yaml``, ``provenance.json``. ``checkpoint.pt`` is written after
@@ -63,7 +63,7 @@ Usage::
 
 or from Python::
 
-    from xrai.baselines.emc import run_emc
+    from xrai.recon.emc import run_emc
     run_emc(load_config("config/test.yaml"), 0, "train.h5", "test.h5", "out/run0")
 """
 
@@ -217,7 +217,7 @@ class ExpandMaximizeCompress:
     ``q_pixel`` ``(H, W, 3)`` are the detector's Ewald coordinates (Angstrom^-1) and
     ``pixel_factor`` ``(H, W)`` the known per-pixel factor the images carry
     (polarization x solid angle; ones if ``None``). Images come from ``read(start, stop)``
-    dicts like :meth:`xrai.dataset.DiffractionDataset.read`. Example::
+    dicts like :meth:`xrai.data.hdf5.DiffractionDataset.read`. Example::
 
         emc = ExpandMaximizeCompress(grid, q_pixel, None, likelihood="gaussian")
         emc.initialize(dataset, torch.Generator().manual_seed(0))
@@ -631,7 +631,7 @@ def friedel_symmetrize(volume: torch.Tensor) -> torch.Tensor:
 
 
 def _write_poses(path: Path, rotations: torch.Tensor, attrs: dict) -> None:
-    """``poses_*.h5`` like :func:`xrai.train.write_poses`: ``rotations`` (N, 3, 3), ``branch`` zeros, ``index``."""
+    """``poses_*.h5`` like :func:`xrai.recon.train.write_poses`: ``rotations`` (N, 3, 3), ``branch`` zeros, ``index``."""
     import h5py
     import numpy as np
 
@@ -667,7 +667,7 @@ def _write_volume(out: Path, volume: torch.Tensor, grid: ReciprocalGrid, prov: d
 
 
 def _pose_summary(best: torch.Tensor, level: int, quats_true: torch.Tensor) -> dict:
-    from xrai.metrics import pose_errors_deg, summarize_pose_errors
+    from xrai.evaluation.metrics import pose_errors_deg, summarize_pose_errors
 
     R_pred = quaternion_to_matrix(so3_grid(level)[best])
     return summarize_pose_errors(pose_errors_deg(R_pred, quaternion_to_matrix(quats_true.double()))[0])
@@ -686,21 +686,21 @@ def run_emc(
 
     ``iteration_callback(iteration)`` is called after every completed (and checkpointed)
     iteration. On SIGTERM / SIGINT the run stops after the current iteration's checkpoint
-    and raises :class:`xrai.train.TrainingInterrupted`; rerunning resumes.
+    and raises :class:`xrai.recon.train.TrainingInterrupted`; rerunning resumes.
     """
-    from xrai.dataset import DiffractionDataset
-    from xrai.geometry import reciprocal_grid
+    from xrai.data.hdf5 import DiffractionDataset
     from xrai.io import provenance, write_json, write_run_metadata
-    from xrai.train import (
+    from xrai.recon.train import (
         StopRequest,
         TrainingInterrupted,
-        detector_pixel_factor,
         load_checkpoint,
         rng_state,
         save_checkpoint,
         set_rng_state,
     )
     from xrai.utils import pick_device, resource_usage, seed_everything, set_cpu_threads
+    from xrai.xray.geometry import reciprocal_grid
+    from xrai.xray.imaging import detector_pixel_factor
 
     settings = EMCSettings.from_config(cfg)
     out = Path(out_dir)

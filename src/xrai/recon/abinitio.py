@@ -38,10 +38,10 @@ steps (``infer_refine_deg``): one encoder pass and a fixed number of volume look
 Usage::
 
     from xrai.config import load_config
-    from xrai.train import train
+    from xrai.recon.train import train
     train(load_config("config/test.yaml"), "xrai", 0, "train.h5", "test.h5", "out/run0")
 
-or ``xrai train --method xrai ...`` (``xrai.train.RECIPES["xrai"]`` is :class:`XraiRecipe`).
+or ``xrai train --method xrai ...`` (``xrai.recon.recipes.RECIPES["xrai"]`` is :class:`XraiRecipe`).
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from xrai.losses import SymmetrizedLoss
+from xrai.imaging import ImagingModel
+from xrai.recon.losses import SymmetrizedLoss
+from xrai.recon.recipe import Batch, Recipe
 from xrai.rotations import (
     RZ_PI,
     axis_angle_to_matrix,
@@ -63,7 +65,6 @@ from xrai.rotations import (
     sixd_to_matrix,
 )
 from xrai.so3grid import so3_grid
-from xrai.train import Batch, Recipe, detector_pixel_factor
 from xrai.volume import ReciprocalGrid, sample_volume
 
 logger = logging.getLogger(__name__)
@@ -282,28 +283,27 @@ class MergedVoxelVolume(nn.Module):
 class XraiModel(nn.Module):
     """Encoder + merged voxel volume + the detector's pixels, with the normalisation between them.
 
-    Buffers: ``ewald`` (H, W, 3) pixel coordinates, ``pixel_factor`` (H, W) (the square root
-    of polarization x solid angle relative to its mean), ``profile`` (H, W): the expected
-    amplitude of every pixel, ``pixel_factor * scale * radial(|q|)``.
+    ``imaging`` is the dataset's imaging model (its ``pixel_coordinates`` (H, W, 3) and, for
+    X-ray, ``pixel_factor`` (H, W): the square root of polarization x solid angle relative
+    to its mean). Buffer ``profile`` (H, W): the expected amplitude of every pixel,
+    ``pixel_factor * scale * radial(|q|)``.
     """
 
-    def __init__(self, encoder: MultiHeadPoseEncoder, decoder: MergedVoxelVolume, ewald: torch.Tensor,
-                 pixel_factor: torch.Tensor) -> None:
+    def __init__(self, encoder: MultiHeadPoseEncoder, decoder: MergedVoxelVolume, imaging: ImagingModel) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
-        self.register_buffer("ewald", ewald.detach().float().clone())
-        self.register_buffer("pixel_factor", pixel_factor.detach().float().clone())
-        self.register_buffer("profile", torch.ones(ewald.shape[:2]))
+        self.imaging = imaging
+        self.register_buffer("profile", torch.ones(imaging.image_shape))
 
     @property
     def q_pixels(self) -> torch.Tensor:
         """(P, 3) pixel coordinates, flattened."""
-        return self.ewald.reshape(-1, 3)
+        return self.imaging.pixel_coordinates.reshape(-1, 3)
 
     def update_profile(self) -> None:
-        q_abs = self.ewald.norm(dim=-1)
-        self.profile = self.pixel_factor * self.decoder.scale * self.decoder.radial_at(q_abs)
+        q_abs = self.imaging.pixel_coordinates.norm(dim=-1)
+        self.profile = self.imaging.form_image(self.decoder.scale * self.decoder.radial_at(q_abs)[None])[0]
 
     def normalise(self, amplitude: torch.Tensor) -> torch.Tensor:
         """``z = amplitude / profile`` (B, H, W)."""
@@ -311,8 +311,7 @@ class XraiModel(nn.Module):
 
     def render(self, R: torch.Tensor) -> torch.Tensor:
         """Predicted amplitude images (B, H, W) for poses ``R`` (B, 3, 3)."""
-        k = torch.einsum("bij,hwj->bhwi", R.to(self.ewald.dtype), self.ewald)
-        return self.profile * self.decoder.sample_relative(k)
+        return self.profile * self.decoder.sample_relative(self.imaging.coordinates(R))
 
 
 # --------------------------------------------------------------------------- pose scoring
@@ -402,14 +401,12 @@ class XraiRecipe(Recipe):
         self._grid_R: torch.Tensor | None = None
 
     # -- model
-    def build_model(self, ewald: torch.Tensor) -> XraiModel:
-        from xrai.geometry import reciprocal_grid
-
+    def build_model(self, imaging: ImagingModel) -> XraiModel:
         s = self.settings
-        grid = reciprocal_grid(self.cfg)
-        encoder = MultiHeadPoseEncoder(tuple(ewald.shape[:2]), heads=s.heads, width=s.encoder_width,
+        grid = imaging.reconstruction_grid(int(self.cfg.get("volume", {}).get("grid_size", 64)))
+        encoder = MultiHeadPoseEncoder(imaging.image_shape, heads=s.heads, width=s.encoder_width,
                                        generator=torch.Generator().manual_seed(int(torch.initial_seed()) % 2**62))
-        return XraiModel(encoder, MergedVoxelVolume(grid), ewald, detector_pixel_factor(self.cfg, ewald))
+        return XraiModel(encoder, MergedVoxelVolume(grid), imaging)
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """Adam on the encoder only (the volume is merged, not learned by gradient)."""
@@ -422,8 +419,10 @@ class XraiRecipe(Recipe):
         n = min(len(dataset), max(PROFILE_IMAGES, s.memory_images[0]))
         amp = torch.cat([Batch(dataset.read(i, min(i + 1024, n)), device).amplitude for i in range(0, n, 1024)])
         dec = model.decoder
-        q_abs = model.ewald.norm(dim=-1).reshape(-1)
-        flat = (amp / model.pixel_factor).reshape(amp.shape[0], -1).mean(0)
+        q_abs = model.imaging.pixel_coordinates.norm(dim=-1).reshape(-1)
+        # amplitude without the detector's known factors: form_image of ones is that factor
+        factor = model.imaging.form_image(torch.ones(1, *model.imaging.image_shape, device=amp.device))[0]
+        flat = (amp / factor).reshape(amp.shape[0], -1).mean(0)
         t = (q_abs / dec.grid.q_max * (PROFILE_BINS - 1)).clamp(0, PROFILE_BINS - 1)
         i0 = t.floor().long().clamp(max=PROFILE_BINS - 2)
         f = t - i0
@@ -459,7 +458,7 @@ class XraiRecipe(Recipe):
     # -- helpers
     @staticmethod
     def _pixels_within(model: XraiModel, fraction: float) -> torch.Tensor:
-        q_abs = model.ewald.norm(dim=-1).reshape(-1)
+        q_abs = model.imaging.pixel_coordinates.norm(dim=-1).reshape(-1)
         return torch.nonzero(q_abs <= fraction * float(q_abs.max()) * (1 + 1e-6)).flatten()
 
     def search_grid(self, device: torch.device) -> torch.Tensor:

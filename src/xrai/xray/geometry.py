@@ -30,7 +30,7 @@ Conventions
 
 Usage::
 
-    from xrai.geometry import Beam, Detector
+    from xrai.xray.geometry import Beam, Detector
     det = Detector(n_pixels=128, side_m=0.1, distance_m=0.2)
     beam = Beam(photon_energy_ev=4600, photons_per_pulse=1e12, focus_radius_m=0.5e-6)
     q = det.pixel_position_reciprocal(beam)   # (128, 128, 3) float64, Angstrom^-1

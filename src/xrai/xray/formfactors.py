@@ -2,7 +2,7 @@
 
 ``f(s) = sum_{i=1..5} a_i exp(-b_i s^2) + c`` with ``s = sin(theta) / lambda = |q| / 2``
 in Angstrom^-1, where ``q`` is xrai's reciprocal coordinate (no 2*pi). The
-coefficients live in ``xrai/data/waasmaier_kirfel.csv`` (neutral atoms and common
+coefficients live in ``xrai/xray/data/waasmaier_kirfel.csv`` (neutral atoms and common
 ions, the same numbers as skopi's ``load_waaskirf_database``). skopi evaluates the
 formula on 101 samples of ``s`` in [0, 1.5] and interpolates with a cubic spline;
 here the formula is evaluated exactly (they agree to ~1e-7, ``tests/test_scattering.py``).
@@ -10,7 +10,7 @@ here the formula is evaluated exactly (they agree to ~1e-7, ``tests/test_scatter
 Usage::
 
     import torch
-    from xrai.formfactors import atomic_form_factor
+    from xrai.xray.formfactors import atomic_form_factor
     q = torch.linspace(0, 0.13, 5)             # Angstrom^-1
     f_c = atomic_form_factor("C", q)           # ~6 electrons at q = 0
 """
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 @functools.lru_cache(maxsize=1)
 def _table() -> dict[tuple[str, int], tuple[tuple[float, ...], tuple[float, ...], float]]:
-    text = resources.files("xrai").joinpath("data/waasmaier_kirfel.csv").read_text()
+    text = resources.files("xrai.xray").joinpath("data/waasmaier_kirfel.csv").read_text()
     rows = csv.DictReader(line for line in text.splitlines() if not line.startswith("#"))
     table = {}
     for r in rows:

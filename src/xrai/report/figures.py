@@ -24,7 +24,7 @@ import numpy as np
 from xrai.config import size_label
 from xrai.errors import XraiError
 from xrai.io import atomic_path, read_json, read_mrc
-from xrai.report import METHOD_NAMES
+from xrai.report.table import METHOD_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Reconstruction:
     @property
     def density_path(self) -> Path:
         """The phased density aligned to the reference, written by ``xrai evaluate`` beside metrics.json."""
-        from xrai.evaluate import ALIGNED_DENSITY
+        from xrai.evaluation.evaluate import ALIGNED_DENSITY
 
         aligned = self.metrics_path.parent / ALIGNED_DENSITY
         if not aligned.exists():
@@ -222,8 +222,8 @@ def _pose_errors(r: Reconstruction, split: str) -> np.ndarray | None:
     import h5py
     import torch
 
-    from xrai.dataset import DiffractionDataset
-    from xrai.metrics import pose_errors_deg
+    from xrai.data.hdf5 import DiffractionDataset
+    from xrai.evaluation.metrics import pose_errors_deg
 
     path = r.run_dir / f"poses_{split}.h5"
     if not path.exists():
@@ -275,7 +275,7 @@ def figure_images(recs: list[Reconstruction], out_dir: Path, n_images: int = 4) 
     import torch
     from matplotlib.colors import LogNorm
 
-    from xrai.dataset import DiffractionDataset
+    from xrai.data.hdf5 import DiffractionDataset
     from xrai.volume import read_volume_h5, sample_volume
 
     ds = DiffractionDataset(recs[0].dataset_path("test"))

@@ -26,7 +26,7 @@ starts run together as one batch on the CPU or GPU:
 Usage::
 
     from xrai.volume import read_volume_h5
-    from xrai.phasing import phase_er_hio, measured_mask
+    from xrai.xray.phasing import phase_er_hio, measured_mask
     amp, grid = read_volume_h5("results/reference/2CEX_A/intensity.h5", "amplitude")
     res = phase_er_hio(amp, mask=measured_mask(grid), n_starts=4, n_iterations=600)
     density = res.density          # (n, n, n) float32, indexed [x, y, z]

@@ -12,7 +12,7 @@ if the pi-rotated image won with pose ``R'``, the original image's pose is
 Usage::
 
     import torch
-    from xrai.losses import symmetrized_l2
+    from xrai.recon.losses import symmetrized_l2
     images = torch.rand(8, 32, 32)
     def autoencoder(x):                    # (B, H, W) -> (prediction, rotations)
         return x * 0.9, torch.eye(3).expand(x.shape[0], 3, 3)

@@ -17,11 +17,11 @@ open taken from cryoAI (Levy et al. 2022, sections 3.3-3.4), whose code X-RAI fo
 Usage::
 
     import torch
-    from xrai.models import Autoencoder, FourierNet, VGGEncoder
+    from xrai.recon.models import Autoencoder, FourierNet, VGGEncoder
     E = torch.randn(32, 32, 3) * 0.05                       # pixel q (H, W, 3), Angstrom^-1
     enc = VGGEncoder((32, 32), channels=[8, 16], mlp=[32])
     dec = FourierNet(q_max=0.15, width=32)
-    model = Autoencoder(dec, E, encoder=enc)
+    model = Autoencoder(dec, EwaldImaging(E), encoder=enc)  # from xrai.xray.imaging
     amp = torch.rand(4, 32, 32)                             # sqrt(I)
     pred, R = model(amp)                                    # (4, 32, 32), (4, 3, 3)
 """
@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xrai.imaging import ImagingModel
 from xrai.rotations import sixd_to_matrix
 
 logger = logging.getLogger(__name__)
@@ -257,40 +258,24 @@ class FourierNet(nn.Module):
         return out.reshape(coordinates.shape[:-1])
 
 
-def rotate_ewald(R: torch.Tensor, ewald: torch.Tensor) -> torch.Tensor:
-    """``k = R @ q`` for every pixel: ``R`` (B, 3, 3), ``ewald`` (H, W, 3) -> (B, H, W, 3).
-
-    An image with orientation ``R`` samples the molecule's reciprocal space at ``R @ q_pixel``
-    (equation 2 of the paper; docs/architecture.md).
-    """
-    return torch.einsum("bij,hwj->bhwi", R, ewald.to(R.dtype))
-
-
 class Autoencoder(nn.Module):
-    """Encoder (or given poses) -> rotate the Ewald coordinates -> FourierNet -> predicted amplitude image.
+    """Encoder (or given poses) -> imaging model's coordinates -> FourierNet -> predicted image.
 
-    ``ewald`` is the detector's pixel coordinates ``q`` (H, W, 3) in Angstrom^-1 (lab frame,
-    exact Ewald sphere). ``pixel_factor`` (H, W), if given, multiplies the predicted
-    amplitude per pixel: the square root of the detector's known intensity factors
-    (polarization x solid angle, relative to their mean), so that the decoder holds one
-    3D amplitude ``|F|`` while each pixel records ``|F|^2 x polarization x solid angle``.
-    With ``encoder=None`` the poses must be given (known-pose mode).
+    ``imaging`` (:class:`xrai.imaging.ImagingModel`) says where the decoder is queried for
+    a pose and how its values form the image (X-ray: ``|F|`` on the Ewald sphere times
+    the detector's known factors). With ``encoder=None`` the poses must be given
+    (known-pose mode).
     """
 
-    def __init__(self, decoder: FourierNet, ewald: torch.Tensor, encoder: nn.Module | None = None,
-                 pixel_factor: torch.Tensor | None = None) -> None:
+    def __init__(self, decoder: FourierNet, imaging: ImagingModel, encoder: nn.Module | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
-        self.register_buffer("ewald", ewald.detach().float().clone())
-        factor = torch.ones(ewald.shape[:2]) if pixel_factor is None else pixel_factor.detach().float().clone()
-        if factor.shape != ewald.shape[:2]:
-            raise ValueError(f"pixel_factor has shape {tuple(factor.shape)}, expected {tuple(ewald.shape[:2])}")
-        self.register_buffer("pixel_factor", factor)
+        self.imaging = imaging
 
     def render(self, R: torch.Tensor) -> torch.Tensor:
-        """Predicted amplitude images (B, H, W) for poses ``R`` (B, 3, 3)."""
-        return self.decoder(rotate_ewald(R, self.ewald)) * self.pixel_factor
+        """Predicted images (B, H, W) for poses ``R`` (B, 3, 3)."""
+        return self.imaging.form_image(self.decoder(self.imaging.coordinates(R)))
 
     def forward(self, amplitude: torch.Tensor, R: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``amplitude`` (B, H, W) in the decoder's unit -> (prediction (B, H, W), rotations (B, 3, 3)).

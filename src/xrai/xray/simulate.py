@@ -1,10 +1,10 @@
 """Simulate an XFEL single-particle diffraction dataset to HDF5 (``xrai simulate``).
 
-The physics follows skopi (see :mod:`xrai.scattering` and :mod:`xrai.geometry`):
+The physics follows skopi (see :mod:`xrai.xray.scattering` and :mod:`xrai.xray.geometry`):
 
 1. the atoms of the structure (``xrai.structure.read_atoms``) are centred on their
-   electron-density centroid (:func:`xrai.scattering.molecule_centre`; the reference
-   density of :mod:`xrai.density` is centred the same way);
+   electron-density centroid (:func:`xrai.xray.scattering.molecule_centre`; the reference
+   density of :mod:`xrai.xray.density` is centred the same way);
 2. ``|F|^2`` is computed once on a ``simulation.mesh_size``^3 mesh covering the detector's |q|;
 3. each image is a trilinear slice of the mesh at ``k = R @ q_pixel`` for a uniformly random
    orientation, times ``fluence * r_e^2 * polarization * solid angle`` (photons);
@@ -46,13 +46,13 @@ import numpy as np
 import torch
 
 from xrai import __version__
-from xrai.dataset import DatasetWriter, write_sharded_master
+from xrai.data.hdf5 import DatasetWriter, write_sharded_master
 from xrai.errors import XraiError
-from xrai.geometry import Beam, Detector
 from xrai.io import atomic_path, provenance
 from xrai.rotations import random_quaternions
-from xrai.scattering import PatternSimulator, centred_positions, molecule_centre
 from xrai.utils import pick_device, resource_usage, set_cpu_threads
+from xrai.xray.geometry import Beam, Detector
+from xrai.xray.scattering import PatternSimulator, centred_positions, molecule_centre
 
 logger = logging.getLogger(__name__)
 

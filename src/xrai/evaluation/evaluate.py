@@ -3,13 +3,13 @@
 For the best run of a (protein, dataset size, method):
 
 1. the phased density is aligned to the reference density over rotation, translation
-   and hand (:func:`xrai.align.align_volumes`);
+   and hand (:func:`xrai.evaluation.align.align_volumes`);
 2. the FSC between them gives the resolution at ``evaluation.fsc_cutoff`` in pixels
    (``box / shell``, Nyquist = 2 px, as the paper's Table 1) and in Å;
 3. phase-free check: the run's amplitude volume, rotated by the same rotation, against
    ``sqrt`` of the true intensity, per shell inside the detector's corner ``|q| <= q_max``
-   (:func:`xrai.metrics.shell_correlation`);
-4. the paper's pose error (appendix A.1, :func:`xrai.metrics.pose_errors_deg`) of the
+   (:func:`xrai.evaluation.metrics.shell_correlation`);
+4. the paper's pose error (appendix A.1, :func:`xrai.evaluation.metrics.pose_errors_deg`) of the
    encoder's poses on the train and test sets, each set aligned by its own global
    rotation; ``null`` for the known-pose bounds (their poses files hold the ground truth);
 5. times: the training wall time from the run's ``metrics.csv`` and Snakemake's
@@ -77,7 +77,7 @@ def read_poses(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, str]:
 
 def true_rotations(dataset: str | Path, index: torch.Tensor) -> torch.Tensor:
     """Ground-truth rotations ``(N, 3, 3)`` of images ``index`` of a diffraction dataset (only orientations are read)."""
-    from xrai.dataset import DiffractionDataset
+    from xrai.data.hdf5 import DiffractionDataset
 
     with DiffractionDataset(dataset) as ds:  # validates the file
         return ds.true_rotations(index)
@@ -85,7 +85,7 @@ def true_rotations(dataset: str | Path, index: torch.Tensor) -> torch.Tensor:
 
 def pose_error_summary(poses_path: str | Path, dataset: str | Path) -> dict | None:
     """The paper's pose error summary for one poses file, or ``None`` when the poses are the ground truth."""
-    from xrai.metrics import (
+    from xrai.evaluation.metrics import (
         aligned_folded_rotations,
         frobenius_sq_error,
         pose_errors_deg,
@@ -152,9 +152,9 @@ def _sum_or_none(*values: float | None) -> float | None:
 def amplitude_correlation(run_amplitude: torch.Tensor, true_amplitude: torch.Tensor, grid, rotation: np.ndarray,
                           inverted: bool) -> dict:
     """Shell correlation of the run's amplitudes, under the density's alignment, with the true ones (``|q| <= q_max``)."""
-    from xrai.align import invert_volume, transform_volume
-    from xrai.metrics import shell_correlation
-    from xrai.phasing import measured_mask
+    from xrai.evaluation.align import invert_volume, transform_volume
+    from xrai.evaluation.metrics import shell_correlation
+    from xrai.xray.phasing import measured_mask
 
     src = invert_volume(run_amplitude.double()) if inverted else run_amplitude.double()
     rotated = transform_volume(src, torch.as_tensor(rotation, dtype=torch.float64))
@@ -185,9 +185,9 @@ def evaluate(
     ``aligned_out``: also write the phased density after the alignment (rotation, shift, hand),
     in the reference's frame, as MRC (the figures show it beside the reference).
     """
-    from xrai.align import align_volumes
+    from xrai.evaluation.align import align_volumes
+    from xrai.evaluation.metrics import fsc, resolution_from_fsc
     from xrai.io import provenance, read_json, read_mrc, write_mrc
-    from xrai.metrics import fsc, resolution_from_fsc
     from xrai.volume import read_volume_h5
 
     ev = cfg.get("evaluation", {})

@@ -7,7 +7,7 @@ shown as "n/a", never guessed.
 
 Usage::
 
-    from xrai.report import load_rows, table_markdown
+    from xrai.report.table import load_rows, table_markdown
     rows = load_rows(["results/metrics/2CEX_A/16384/xrai/metrics.json"])
     print(table_markdown(rows))
 """

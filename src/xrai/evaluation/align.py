@@ -17,7 +17,7 @@ Pearson correlation coefficient over the box.
 
 Usage::
 
-    from xrai.align import align_volumes
+    from xrai.evaluation.align import align_volumes
     res = align_volumes(phased_density, reference_density, angular_step_deg=15)
     print(res.cc, res.inverted, res.rotation, res.shift)
     aligned = res.aligned            # numpy array, same shape as the reference

@@ -1,6 +1,6 @@
 """``DiffractionDataset``: the one reader of every diffraction dataset.
 
-It reads the HDF5 files written by :mod:`xrai.simulate` (one file, or a master
+It reads the HDF5 files written by :mod:`xrai.xray.simulate` (one file, or a master
 file whose datasets are HDF5 *virtual datasets* over several shard files) and
 HDF5 files written by other tools with the same keys (e.g. skopi scripts):
 
@@ -23,7 +23,7 @@ Order of a pass (:meth:`DiffractionDataset.iter_batches`):
 
 Usage::
 
-    from xrai.dataset import DiffractionDataset
+    from xrai.data.hdf5 import DiffractionDataset
     ds = DiffractionDataset("results/datasets/2CEX_A/train_2048.h5")
     print(len(ds), ds.image_shape, ds.pixel_position_reciprocal.shape)
     first = ds.read(0, 8)                  # {'images': (8, H, W), 'orientations': (8, 4), 'index': (8,)}

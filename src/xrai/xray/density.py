@@ -1,15 +1,15 @@
 """Ground truth for evaluation: the reference electron density and the true intensity volume.
 
-Both live on the reconstruction grid ``grid = xrai.geometry.reciprocal_grid(cfg)``:
+Both live on the reconstruction grid ``grid = xrai.xray.geometry.reciprocal_grid(cfg)``:
 
 * :func:`true_intensity`: ``|F(q)|^2`` (electrons^2) exactly at the ``grid`` points
-  (:func:`xrai.scattering.structure_factor_mesh`), indexed ``[x, y, z]``;
+  (:func:`xrai.xray.scattering.structure_factor_mesh`), indexed ``[x, y, z]``;
 * :func:`reference_density`: the electron density (electrons / Angstrom^3) on the matching
   real-space grid: ``grid.size`` voxels of ``grid.voxel_size`` Angstrom per axis, voxel
   ``n`` at ``r = (n - size // 2) * voxel_size`` (FFT-centred like the reciprocal grid).
 
 The molecule is centred exactly like the simulation: its electron-density centroid
-(:func:`xrai.scattering.molecule_centre`) at the origin, i.e. at voxel ``size // 2``.
+(:func:`xrai.xray.scattering.molecule_centre`) at the origin, i.e. at voxel ``size // 2``.
 
 FFT convention (``F(q) = sum_j f_j exp(+2 pi i q . r_j)``, xrai's and skopi's sign)::
 
@@ -48,9 +48,9 @@ import numpy as np
 import torch
 
 from xrai.errors import XraiError
-from xrai.formfactors import form_factor_coefficients
-from xrai.scattering import centred_positions, group_by_element, structure_factor_mesh
 from xrai.volume import ReciprocalGrid
+from xrai.xray.formfactors import form_factor_coefficients
+from xrai.xray.scattering import centred_positions, group_by_element, structure_factor_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -176,11 +176,11 @@ def reference_density(positions, elements: Sequence[str], grid: ReciprocalGrid, 
 def write_reference(cfg: dict, structure: str | Path, density_mrc: str | Path | None,
                     intensity_h5: str | Path | None) -> dict:
     """Compute and write the reference density (MRC) and true intensity (HDF5) of a structure for ``cfg``'s grid."""
-    from xrai.geometry import reciprocal_grid
     from xrai.io import provenance, write_mrc, write_run_metadata
     from xrai.structure import read_atoms
     from xrai.utils import pick_device
     from xrai.volume import write_volume_h5
+    from xrai.xray.geometry import reciprocal_grid
 
     grid = reciprocal_grid(cfg)
     positions, elements = read_atoms(structure)

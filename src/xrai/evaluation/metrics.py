@@ -21,7 +21,7 @@ Usage::
 
     import torch
     from xrai.rotations import random_quaternions, quaternion_to_matrix
-    from xrai.metrics import pose_errors_deg, summarize_pose_errors
+    from xrai.evaluation.metrics import pose_errors_deg, summarize_pose_errors
     R = quaternion_to_matrix(random_quaternions(100, torch.Generator().manual_seed(0)))
     err, A = pose_errors_deg(R, R)                 # err ~ 0, A ~ identity
     print(summarize_pose_errors(err))              # {'median_deg': ..., 'mse_deg2': ..., ...}

@@ -6,11 +6,11 @@ One loop serves every method; what differs between methods is a :class:`Recipe`:
   symmetrized L2 loss (equation 4), Adam (amsgrad), lr ``train.lr``, batch ``train.batch_size``;
 * ``known-pose``: the same decoder, with the encoder replaced by the true rotations
   (the upper bound on volume quality and the decoder's sanity check);
-* ``xrai``: the project's default recipe, :class:`xrai.abinitio.XraiRecipe` (docs/method.md):
+* ``xrai``: the project's default recipe, :class:`xrai.recon.abinitio.XraiRecipe` (docs/method.md):
   the same encoder-decoder idea, bootstrapped by a bounded pose search, converging on a CPU.
 
 The loop trains a fixed number of steps ``train.steps`` whatever the dataset size (as many
-passes as needed), streaming shuffled batches from :class:`xrai.dataset.DiffractionDataset`
+passes as needed), streaming shuffled batches from :class:`xrai.data.hdf5.DiffractionDataset`
 (memory stays flat). ``checkpoint.pt`` is written atomically every ``train.checkpoint_every``
 steps and when SIGTERM / SIGINT arrives (Slurm's time limit, preemption, Ctrl-C): the job
 then exits with status 128 + signal, and rerunning the same command resumes from the
@@ -28,7 +28,7 @@ Usage::
 or from Python::
 
     from xrai.config import load_config
-    from xrai.train import train
+    from xrai.recon.train import train
     train(load_config("config/test.yaml"), "xrai-paper", 0, "train.h5", "test.h5", "out/run0")
 """
 
@@ -49,18 +49,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
+from xrai.data.hdf5 import DiffractionDataset
 from xrai.errors import XraiError
-from xrai.losses import SymmetrizedLoss, plain_l2, symmetrized_l2
-from xrai.models import Autoencoder, FourierNet, VGGEncoder
-from xrai.rotations import quaternion_to_matrix
+from xrai.imaging import ImagingModel
+from xrai.recon.models import Autoencoder
+from xrai.recon.recipe import Batch, Recipe
+from xrai.recon.recipes import RECIPES, get_recipe
+from xrai.xray.imaging import EwaldImaging
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
-#: images read to set the decoder's output unit (mean amplitude) before the first step
-SCALE_IMAGES = 1024
 #: columns of metrics.csv; the test_* ones are filled every train.eval_every steps
 METRIC_COLUMNS = (
     "step", "epoch", "loss", "lr", "images_per_s", "rss_mb", "wall_s",
@@ -68,183 +68,9 @@ METRIC_COLUMNS = (
 )
 
 
-# --------------------------------------------------------------------------- batches
-
-
-class Batch:
-    """One batch on the training device: ``amplitude`` (B, H, W) = sqrt(I), true rotations (B, 3, 3), ``index``.
-
-    ``I`` is the recorded image divided by the per-image ``scale`` the simulator applied
-    to reach its minimum total intensity (when the file stores it), so that every image
-    is a slice of one and the same intensity volume.
-    """
-
-    def __init__(self, raw: dict[str, torch.Tensor], device: torch.device) -> None:
-        images = raw["images"].to(device, non_blocking=True)
-        if "scale" in raw:
-            images = images / raw["scale"].to(device)[:, None, None]
-        self.amplitude = images.clamp_min(0).sqrt()
-        self.rotations = quaternion_to_matrix(raw["orientations"].to(device).double()).float()
-        self.index = raw["index"]
-
-    def __len__(self) -> int:
-        return self.amplitude.shape[0]
-
-
-# --------------------------------------------------------------------------- recipes
-
-
-def detector_pixel_factor(cfg: dict, ewald: torch.Tensor) -> torch.Tensor:
-    """``sqrt(polarization * solid_angle / mean)`` per pixel (H, W) for the config's detector and beam.
-
-    The simulated photons are ``|F|^2`` times these known detector factors; the decoder's
-    prediction is multiplied by their square root (:class:`xrai.models.Autoencoder`). The
-    dataset's pixel coordinates must be the config's geometry.
-    """
-    from xrai.geometry import Beam, Detector
-
-    det, beam = Detector.from_config(cfg), Beam.from_config(cfg)
-    q = det.pixel_position_reciprocal(beam)
-    if tuple(q.shape) != tuple(ewald.shape) or not torch.allclose(q.float(), ewald.float(), rtol=1e-4, atol=1e-6):
-        raise XraiError("the dataset's pixel_position_reciprocal does not match the config's 'detector' and 'beam' "
-                        f"(shape {tuple(ewald.shape)} vs {tuple(q.shape)}); train with the config that simulated it")
-    c = det.polarization(beam) * det.solid_angle()
-    return (c / c.mean()).sqrt().float()
-
-
-
-class Recipe:
-    """How one method trains. Subclass and register in :data:`RECIPES` to add a method.
-
-    The loop calls, in order: :meth:`build_model`, :meth:`build_optimizer`, :meth:`prepare`
-    (fresh start only; its effects must live in the model's buffers or :meth:`state_dict`,
-    which the checkpoint saves), then :meth:`training_step` per step, :meth:`infer` for
-    evaluation and the pose files, and :meth:`decoder` to sample the volume.
-    """
-
-    name = "base"
-    #: False: the poses are the true ones (poses files say ``source = "ground_truth"``)
-    learns_poses = True
-
-    def __init__(self, cfg: dict) -> None:
-        self.cfg = cfg
-        self.tcfg = cfg["train"]
-
-    # -- model
-    def build_decoder(self, q_max: float) -> FourierNet:
-        d = self.tcfg.get("decoder", {})
-        return FourierNet(
-            q_max, width=int(d.get("width", 256)), envelope_layers=int(d.get("envelope_layers", 3)),
-            modulant_layers=int(d.get("modulant_layers", 2)), omega0_envelope=float(d.get("omega0_envelope", 30)),
-            omega0_modulant=float(d.get("omega0_modulant", 40)))
-
-    def build_encoder(self, image_shape: tuple[int, int]) -> nn.Module | None:
-        e = self.tcfg.get("encoder", {})
-        return VGGEncoder(
-            image_shape, channels=e.get("channels", [64, 128, 256, 256, 256]), mlp=e.get("mlp", [512, 256]),
-            num_octaves=int(e.get("num_octaves", 4)), kernel_size=int(e.get("kernel_size", 11)))
-
-    def build_model(self, ewald: torch.Tensor) -> Autoencoder:
-        """The autoencoder for the detector's Ewald coordinates ``ewald`` (H, W, 3), Angstrom^-1."""
-        q_max = float(ewald.norm(dim=-1).max())
-        return Autoencoder(self.build_decoder(q_max), ewald, encoder=self.build_encoder(tuple(ewald.shape[:2])),
-                           pixel_factor=detector_pixel_factor(self.cfg, ewald))
-
-    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        """Adam with amsgrad at ``train.lr`` (the paper's optimizer)."""
-        return torch.optim.Adam(model.parameters(), lr=float(self.tcfg["lr"]), amsgrad=True)
-
-    @torch.no_grad()
-    def prepare(self, model: Autoencoder, dataset: Any, device: torch.device) -> None:
-        """Data-dependent set-up before step 0: the decoder's output unit = the data's mean amplitude."""
-        raw = dataset.read(0, min(len(dataset), SCALE_IMAGES))
-        amp = Batch(raw, device).amplitude
-        model.decoder.scale.fill_(float(amp.mean().clamp_min(1e-12)))
-        logger.info("decoder output unit: mean amplitude %.4g (from %d images)", float(model.decoder.scale), len(amp))
-
-    # -- per step
-    def loss(self, model: Autoencoder, batch: Batch, step: int) -> SymmetrizedLoss:
-        """The training loss of a batch (equation 4: symmetrized L2 through the whole autoencoder)."""
-        return symmetrized_l2(model, batch.amplitude, weights=None)
-
-    def training_step(self, model: Autoencoder, optimizer: torch.optim.Optimizer, batch: Batch, step: int) -> dict:
-        """One gradient step; returns scalars for the log (at least ``loss``)."""
-        optimizer.zero_grad(set_to_none=True)
-        out = self.loss(model, batch, step)
-        # normalised units: the loss is in (amplitude / scale)^2, independent of the photon count
-        loss = out.loss / model.decoder.scale**2
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), float(self.tcfg.get("grad_clip", 1.0)))
-        optimizer.step()
-        return {"loss": float(loss.detach())}
-
-    # -- inference
-    @torch.no_grad()
-    def infer(self, model: Autoencoder, batch: Batch) -> SymmetrizedLoss:
-        """Poses (corrected by the winning branch) and per-image loss, in eval mode."""
-        return symmetrized_l2(model, batch.amplitude)
-
-    def state_dict(self) -> dict:
-        """Extra recipe state to checkpoint (none here)."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-class PaperRecipe(Recipe):
-    """The X-RAI paper's recipe: VGG encoder, FourierNet, symmetrized L2, Adam(amsgrad) at ``train.lr``."""
-
-    name = "xrai-paper"
-
-
-class KnownPoseRecipe(Recipe):
-    """The same decoder and loop with the encoder replaced by the true rotations (plain L2: the pose is known)."""
-
-    name = "known-pose"
-    learns_poses = False
-
-    def build_encoder(self, image_shape: tuple[int, int]) -> nn.Module | None:
-        return None
-
-    def loss(self, model: Autoencoder, batch: Batch, step: int) -> SymmetrizedLoss:
-        return plain_l2(lambda amp: model(amp, batch.rotations), batch.amplitude)
-
-    @torch.no_grad()
-    def infer(self, model: Autoencoder, batch: Batch) -> SymmetrizedLoss:
-        return plain_l2(lambda amp: model(amp, batch.rotations), batch.amplitude)
-
-
-class _RecipeRegistry(dict):
-    """``method -> recipe class``; a ``"module:Class"`` value is imported on first access
-    (the default recipe lives in :mod:`xrai.abinitio`, which itself builds on :class:`Recipe`)."""
-
-    def __getitem__(self, method: str) -> type[Recipe]:
-        recipe = super().__getitem__(method)
-        if isinstance(recipe, str):
-            import importlib
-
-            module, name = recipe.split(":")
-            recipe = getattr(importlib.import_module(module), name)
-            self[method] = recipe
-        return recipe
-
-
-#: method name -> recipe class: the one dispatch point for ``xrai train --method``
-RECIPES: dict[str, type[Recipe]] = _RecipeRegistry({
-    "xrai-paper": PaperRecipe,
-    "known-pose": KnownPoseRecipe,
-    "xrai": "xrai.abinitio:XraiRecipe",
-    "xrai-known-pose": "xrai.abinitio:XraiKnownPoseRecipe",
-})
-
-
-def get_recipe(method: str, cfg: dict) -> Recipe:
-    """Instantiate the recipe of ``method`` (XraiError naming the allowed ones otherwise)."""
-    try:
-        return RECIPES[method](cfg)
-    except KeyError:
-        raise XraiError(f"unknown training method '{method}'; expected one of {sorted(RECIPES)}") from None
+def imaging_model(cfg: dict, dataset: DiffractionDataset) -> ImagingModel:
+    """The imaging model of ``dataset`` (its pixels and image formation), checked against the config."""
+    return EwaldImaging.from_config(cfg, dataset.pixel_position_reciprocal)
 
 
 # --------------------------------------------------------------------------- signals
@@ -389,7 +215,7 @@ def _batches_of(dataset: Any, batch_size: int, device: torch.device, stop: int |
 @torch.no_grad()
 def evaluate_poses(recipe: Recipe, model: Autoencoder, batches: list[Batch]) -> dict:
     """Test loss and (for learned poses) the paper's pose error on the given batches, in eval mode."""
-    from xrai.metrics import pose_errors_deg, summarize_pose_errors
+    from xrai.evaluation.metrics import pose_errors_deg, summarize_pose_errors
 
     was_training = model.training
     model.eval()
@@ -450,9 +276,9 @@ def write_volume(out_dir: Path, model: Autoencoder, cfg: dict, device: torch.dev
 
     Voxels beyond the detector's corner ``|q| > q_max`` were never observed; they are set to 0.
     """
-    from xrai.geometry import reciprocal_grid
     from xrai.io import write_mrc
     from xrai.volume import write_volume_h5
+    from xrai.xray.geometry import reciprocal_grid
 
     grid = reciprocal_grid(cfg)
     coords = grid.coordinates(dtype=torch.float32, device=device)
@@ -522,7 +348,6 @@ def train(
     :class:`TrainingInterrupted` (a ``SystemExit``) is raised.
     """
     from xrai.config import method_config
-    from xrai.dataset import DiffractionDataset
     from xrai.io import provenance, write_run_metadata
     from xrai.utils import pick_device, resource_usage, seed_everything, set_cpu_threads
 
@@ -545,7 +370,7 @@ def train(
                 test_ds.path, len(test_ds))
 
     seed_everything(seed)
-    model = recipe.build_model(train_ds.pixel_position_reciprocal).to(device)
+    model = recipe.build_model(imaging_model(cfg, train_ds)).to(device)
     optimizer = recipe.build_optimizer(model)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %d parameters (%s)", n_params,
@@ -670,8 +495,7 @@ def train_pose_error(run_dir: str | os.PathLike, max_images: int = SELECT_MAX_IM
     """
     import h5py
 
-    from xrai.dataset import DiffractionDataset
-    from xrai.metrics import pose_errors_deg, summarize_pose_errors
+    from xrai.evaluation.metrics import pose_errors_deg, summarize_pose_errors
 
     p = Path(run_dir) / "poses_train.h5"
     if not p.exists():

@@ -1,7 +1,7 @@
 """Structure factors and diffraction patterns of a molecule, on a mesh and per pattern.
 
 * ``F(q) = sum_j f_j(|q|) exp(2 pi i q . r_j)`` with Waasmaier–Kirfel form factors
-  (:mod:`xrai.formfactors`), ``q`` in Angstrom^-1 without 2*pi, ``r`` in Angstrom
+  (:mod:`xrai.xray.formfactors`), ``q`` in Angstrom^-1 without 2*pi, ``r`` in Angstrom
   (skopi's ``calculate_molecular_form_factor_square``, same sign and units after
   converting m -> Angstrom).
 * On a Cartesian mesh the phase factor separates per axis,
@@ -18,8 +18,8 @@
 Usage::
 
     import torch
-    from xrai.geometry import Beam, Detector, simulation_mesh
-    from xrai.scattering import PatternSimulator
+    from xrai.xray.geometry import Beam, Detector, simulation_mesh
+    from xrai.xray.scattering import PatternSimulator
     det, beam = Detector(32, 0.1, 0.2), Beam(4600, 1e12, 0.5e-6)
     pos = torch.randn(100, 3) * 10                  # Angstrom
     elements = ["C"] * 100
@@ -37,15 +37,15 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from xrai.formfactors import (
+from xrai.rotations import quaternion_to_matrix
+from xrai.volume import ReciprocalGrid, sample_volume, trilinear
+from xrai.xray.formfactors import (
     atomic_form_factor,
     electron_count,
     form_factor_coefficients,
     normalize_element,
 )
-from xrai.geometry import Beam, Detector, simulation_mesh
-from xrai.rotations import quaternion_to_matrix
-from xrai.volume import ReciprocalGrid, sample_volume, trilinear
+from xrai.xray.geometry import Beam, Detector, simulation_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class PatternSimulator:
     @classmethod
     def from_atoms(cls, positions, elements: Sequence[str], detector: Detector, beam: Beam, mesh_size: int,
                    device: torch.device | str | None = None) -> PatternSimulator:
-        """Compute the ``|F|^2`` mesh (``mesh_size`` per axis, :func:`xrai.geometry.simulation_mesh`) of the atoms as given."""
+        """Compute the ``|F|^2`` mesh (``mesh_size`` per axis, :func:`xrai.xray.geometry.simulation_mesh`) of the atoms as given."""
         mesh = simulation_mesh(detector, beam, mesh_size)
         f = structure_factor_mesh(positions, elements, mesh, device=device)
         return cls(f.abs() ** 2, mesh, detector, beam, device=device)
