@@ -172,3 +172,29 @@ def test_reads_a_skopi_style_file(tmp_path):
     assert ds.image_shape == (H, W)
     assert torch.allclose(ds.pixel_position_reciprocal, torch.from_numpy(q).float(), rtol=1e-6)
     assert torch.equal(ds.read(0, 50)["images"], torch.from_numpy(images))
+
+
+def test_mask_is_read_and_checked(tmp_path):
+    import h5py
+
+    from xrai.data.hdf5 import DiffractionDataset
+    from xrai.errors import XraiError
+
+    def write(path, mask=None):
+        with h5py.File(path, "w") as f:
+            f["images"] = np.ones((3, 4, 5), np.float32)
+            f["orientations"] = np.tile([1.0, 0, 0, 0], (3, 1))
+            f["pixel_position_reciprocal"] = np.zeros((4, 5, 3))
+            if mask is not None:
+                f["mask"] = mask
+        return path
+
+    assert bool(DiffractionDataset(write(tmp_path / "a.h5")).mask.all())
+    m = np.ones((4, 5), np.uint8)
+    m[1:3, 2] = 0
+    ds = DiffractionDataset(write(tmp_path / "b.h5", m))
+    assert ds.mask.dtype == torch.bool and int((~ds.mask).sum()) == 2
+    with pytest.raises(XraiError, match="'mask' must have shape"):
+        DiffractionDataset(write(tmp_path / "c.h5", np.ones((5, 4))))
+    with pytest.raises(XraiError, match="excludes every pixel"):
+        DiffractionDataset(write(tmp_path / "d.h5", np.zeros((4, 5))))

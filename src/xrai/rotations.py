@@ -9,6 +9,10 @@ Conventions (one set, used by the simulator, the models and the metrics):
   detector's Ewald-sphere coordinates in the lab frame (beam along +z).
 * Rotating an image in-plane by pi (``torch.rot90(img, 2)``) changes its pose
   from ``R`` to ``R @ RZ_PI``.
+* RELION's Euler angles ``(rot, tilt, psi)`` (ZYZ, degrees) give RELION's matrix
+  ``A = relion_euler_to_matrix(rot, tilt, psi)`` (``Euler_angles2matrix``); the image is
+  the projection of ``V(A^T r)``, whose Fourier transform is the central slice
+  ``F(V)(A^T k)``: in xrai's convention the image's pose is therefore ``R = A^T``.
 
 Usage::
 
@@ -106,3 +110,44 @@ def axis_angle_to_matrix(axis: torch.Tensor, angle: torch.Tensor | float) -> tor
 def degrees(rad: torch.Tensor | float) -> torch.Tensor | float:
     """Radians to degrees."""
     return rad * (180.0 / math.pi)
+
+
+def relion_euler_to_matrix(rot: torch.Tensor | float, tilt: torch.Tensor | float,
+                           psi: torch.Tensor | float) -> torch.Tensor:
+    """RELION's ``Euler_angles2matrix``: ZYZ angles in degrees -> ``A`` (..., 3, 3).
+
+    ``A = Rz(psi) Ry(tilt) Rz(rot)`` with ``Rz(a) = [[c, s, 0], [-s, c, 0], [0, 0, 1]]`` and
+    ``Ry(b) = [[c, 0, -s], [0, 1, 0], [s, 0, c]]`` (rotations of the coordinate frame). A
+    particle image is the projection of ``V(A^T r)``; its xrai pose is ``A^T``.
+
+    Usage::
+
+        A = relion_euler_to_matrix(torch.tensor([30.0]), torch.tensor([60.0]), torch.tensor([-45.0]))
+    """
+    a, b, g = (torch.deg2rad(torch.as_tensor(x, dtype=torch.float64)) for x in (rot, tilt, psi))
+    a, b, g = torch.broadcast_tensors(a, b, g)
+    ca, cb, cg, sa, sb, sg = a.cos(), b.cos(), g.cos(), a.sin(), b.sin(), g.sin()
+    rows = [
+        [cg * cb * ca - sg * sa, cg * cb * sa + sg * ca, -cg * sb],
+        [-sg * cb * ca - cg * sa, -sg * cb * sa + cg * ca, sg * sb],
+        [sb * ca, sb * sa, cb],
+    ]
+    return torch.stack([torch.stack(r, dim=-1) for r in rows], dim=-2)
+
+
+def matrix_to_relion_euler(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`relion_euler_to_matrix`: ``A`` (..., 3, 3) -> ``(rot, tilt, psi)`` degrees, tilt in [0, 180].
+
+    At tilt 0 or 180 only ``rot + psi`` (``rot - psi``) is defined; ``rot`` is then 0.
+    """
+    A = A.double()
+    sb = torch.sqrt(A[..., 0, 2] ** 2 + A[..., 1, 2] ** 2)
+    tilt = torch.atan2(sb, A[..., 2, 2])
+    rot = torch.atan2(A[..., 2, 1], A[..., 2, 0])
+    psi = torch.atan2(A[..., 1, 2], -A[..., 0, 2])
+    degenerate = sb < 1e-9
+    up = A[..., 2, 2] > 0
+    psi_degenerate = torch.where(up, torch.atan2(-A[..., 1, 0], A[..., 0, 0]), torch.atan2(A[..., 1, 0], -A[..., 0, 0]))
+    rot = torch.where(degenerate, torch.zeros_like(rot), rot)
+    psi = torch.where(degenerate, psi_degenerate, psi)
+    return torch.rad2deg(rot), torch.rad2deg(tilt), torch.rad2deg(psi)

@@ -8,7 +8,9 @@ HDF5 files written by other tools with the same keys (e.g. skopi scripts):
 * ``orientations``: ``(N, 4)`` unit quaternions ``(w, x, y, z)``;
 * ``pixel_position_reciprocal``: ``(H, W, 3)`` (or ``(1, H, W, 3)``) in Angstrom^-1 without 2*pi;
   a file whose dataset has ``units = '1/m'``, or no ``units`` and values above 100 (so
-  evidently m^-1, skopi's unit), is converted with a warning.
+  evidently m^-1, skopi's unit), is converted with a warning;
+* optional ``mask``: ``(H, W)`` bool/int, nonzero = a pixel to use (beam stop, gaps and bad
+  pixels are 0); :attr:`DiffractionDataset.mask` is all True without it.
 
 Everything is checked when the file is opened (clear :class:`~xrai.errors.XraiError`
 naming the file); NaN / inf images are reported with the index range of the batch.
@@ -159,6 +161,15 @@ class DiffractionDataset:
         rows = chunks[0] if chunks else int(f.attrs.get("chunk_rows", DEFAULT_BLOCK_ROWS))
         self.block_rows = max(1, min(int(rows), self.n_images))
         self.has_scale = "scale" in f and f["scale"].shape == (n,)
+        # pixels to use (True) in every loss, merge and metric; beam stop, gaps and bad pixels are False
+        if "mask" in f:
+            if f["mask"].shape != (h, w):
+                raise self._err(f"'mask' must have shape ({h}, {w}) to match the images, got {f['mask'].shape}")
+            self.mask = torch.from_numpy(np.asarray(f["mask"][...]).astype(bool))
+            if not bool(self.mask.any()):
+                raise self._err("'mask' excludes every pixel")
+        else:
+            self.mask = torch.ones((int(h), int(w)), dtype=torch.bool)
 
     def _check_virtual_sources(self, dset) -> None:
         # h5py silently fills a missing shard with zeros: refuse instead
