@@ -198,3 +198,9 @@ def test_mask_is_read_and_checked(tmp_path):
         DiffractionDataset(write(tmp_path / "c.h5", np.ones((5, 4))))
     with pytest.raises(XraiError, match="excludes every pixel"):
         DiffractionDataset(write(tmp_path / "d.h5", np.zeros((4, 5))))
+    assert float(DiffractionDataset(tmp_path / "a.h5").background.abs().max()) == 0.0
+    path = write(tmp_path / "e.h5")
+    with h5py.File(path, "a") as f:
+        f["background"] = np.full((4, 5), -1.0)
+    with pytest.raises(XraiError, match="'background' must be finite and non-negative"):
+        DiffractionDataset(path)

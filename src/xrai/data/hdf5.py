@@ -10,7 +10,11 @@ HDF5 files written by other tools with the same keys (e.g. skopi scripts):
   a file whose dataset has ``units = '1/m'``, or no ``units`` and values above 100 (so
   evidently m^-1, skopi's unit), is converted with a warning;
 * optional ``mask``: ``(H, W)`` bool/int, nonzero = a pixel to use (beam stop, gaps and bad
-  pixels are 0); :attr:`DiffractionDataset.mask` is all True without it.
+  pixels are 0); :attr:`DiffractionDataset.mask` is all True without it;
+* optional ``background``: ``(H, W)`` expected background photons per pixel and image (added
+  to the signal before any Poisson draw); :attr:`DiffractionDataset.background` is 0 without it;
+* optional ``scale``: ``(N,)`` the factor from the physical photons of the beam to each image's
+  expected signal (photon scaling and fluence jitter included).
 
 Everything is checked when the file is opened (clear :class:`~xrai.errors.XraiError`
 naming the file); NaN / inf images are reported with the index range of the batch.
@@ -170,6 +174,16 @@ class DiffractionDataset:
                 raise self._err("'mask' excludes every pixel")
         else:
             self.mask = torch.ones((int(h), int(w)), dtype=torch.bool)
+        # expected background photons per pixel and image, added before the Poisson draw
+        if "background" in f:
+            if f["background"].shape != (h, w):
+                raise self._err(f"'background' must have shape ({h}, {w}) to match the images, "
+                                f"got {f['background'].shape}")
+            self.background = torch.from_numpy(np.asarray(f["background"][...], dtype=np.float32))
+            if not bool(torch.isfinite(self.background).all()) or bool((self.background < 0).any()):
+                raise self._err("'background' must be finite and non-negative photons per pixel")
+        else:
+            self.background = torch.zeros((int(h), int(w)))
 
     def _check_virtual_sources(self, dset) -> None:
         # h5py silently fills a missing shard with zeros: refuse instead
