@@ -288,6 +288,8 @@ def test_star_lacking_what_the_reader_needs(tmp_path, star31):
     _one_line_error(no_names, "no particle table: expected a loop with rlnImageName")
     _drop(star31, "optics", "rlnImagePixelSize")
     _one_line_error(star31, "no pixel size")
+    _set(star31, "particles", rlnDetectorPixelSize=5.0, rlnMagnification=40000.0)  # per particle: read
+    assert ParticleDataset(star31).pixel_size_A == pytest.approx(1.25)
     flat = tmp_path / "flat.star"
     starfile.write(pd.DataFrame({"rlnImageName": ["1@particles_000.mrcs"]}), flat)
     (tmp_path / "particles_000.mrcs").write_bytes((star31.parent / "particles_000.mrcs").read_bytes())

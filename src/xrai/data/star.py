@@ -36,7 +36,9 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import mmap
 import os
 import warnings
 from collections import OrderedDict
@@ -55,6 +57,8 @@ CTF_OPTICS_LABELS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContra
 MRC_MODES = {0: np.int8, 1: np.int16, 2: np.float32, 6: np.uint16, 12: np.float16}
 #: Target bytes of one block (consecutive particles read together).
 BLOCK_BYTES = 2**20
+#: Bytes a page fault may map beyond the page asked for (fault-around, page-cache folios up to 2 MiB).
+FAULT_AROUND_BYTES = 2 * 2**20
 #: Pixel sizes of optics groups that differ by less than this (relative) are the same.
 PIXEL_SIZE_RTOL = 1e-4
 
@@ -176,10 +180,29 @@ class ParticleDataset(BlockDataset):
         if "rlnOpticsGroup" not in optics or len(optics) == 0:
             raise self._err("the optics table has no rlnOpticsGroup rows")
         ids = self._numeric(optics, "rlnOpticsGroup").astype(np.int64)
+        if "rlnOpticsGroup" in particles:
+            wanted = self._numeric(particles, "rlnOpticsGroup").astype(np.int64)
+        elif len(ids) == 1:
+            wanted = np.full(len(particles), ids[0])
+        else:
+            raise self._err(f"the particle table has no rlnOpticsGroup but the optics table has {len(ids)} groups")
+        order = np.argsort(ids, kind="stable")
+        row = order[np.clip(np.searchsorted(ids[order], wanted), 0, len(ids) - 1)]
+        unknown = ids[row] != wanted
+        if unknown.any():
+            raise self._err(f"particles refer to optics group(s) {sorted(set(wanted[unknown].tolist()))[:5]} "
+                            f"that the optics table lacks (it has {sorted(ids.tolist())})")
+
         pixel = self._pixel_size(optics, "optics table")
-        if pixel is None:
-            raise self._err("no pixel size: expected rlnImagePixelSize (or rlnDetectorPixelSize and rlnMagnification) "
-                            "in the optics table")
+        if pixel is None:  # some writers keep it per particle: one value per group then
+            per_particle = self._pixel_size(particles, "particle table")
+            if per_particle is None:
+                raise self._err("no pixel size: expected rlnImagePixelSize (or rlnDetectorPixelSize and "
+                                "rlnMagnification) in the optics table or the particle table")
+            if np.ptp(per_particle) > PIXEL_SIZE_RTOL * per_particle.max():
+                raise self._err(f"particles disagree on the pixel size ({per_particle.min():.6g} to "
+                                f"{per_particle.max():.6g} A): one dataset needs one pixel size")
+            pixel = np.full(len(ids), per_particle.mean())
         table = pd.DataFrame({"rlnOpticsGroup": ids})
         for lab in CTF_OPTICS_LABELS:
             table[lab] = self._numeric(optics, lab) if lab in optics else np.nan
@@ -187,19 +210,6 @@ class ParticleDataset(BlockDataset):
         table["rlnImageSize"] = self._numeric(optics, "rlnImageSize").astype(np.int64) if "rlnImageSize" in optics else -1
         if "rlnOpticsGroupName" in optics:
             table.insert(1, "rlnOpticsGroupName", optics["rlnOpticsGroupName"].astype(str).to_numpy())
-        if "rlnOpticsGroup" in particles:
-            wanted = self._numeric(particles, "rlnOpticsGroup").astype(np.int64)
-        elif len(table) == 1:
-            wanted = np.full(len(particles), ids[0])
-        else:
-            raise self._err(f"the particle table has no rlnOpticsGroup but the optics table has {len(table)} groups")
-        order = np.argsort(ids, kind="stable")
-        pos = np.clip(np.searchsorted(ids[order], wanted), 0, len(ids) - 1)
-        row = order[pos]
-        unknown = ids[row] != wanted
-        if unknown.any():
-            raise self._err(f"particles refer to optics group(s) {sorted(set(wanted[unknown].tolist()))[:5]} "
-                            f"that the optics table lacks (it has {sorted(ids.tolist())})")
         return row, table
 
     def _optics_30(self, particles):
@@ -359,6 +369,7 @@ class ParticleDataset(BlockDataset):
                 out[a:b] = data[idx[0]:idx[-1] + 1]
             else:
                 out[a:b] = data[idx]
+            _release_pages(data, int(idx.min()), int(idx.max()) + 1)
         return out
 
     def _read_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
@@ -411,3 +422,21 @@ class ParticleDataset(BlockDataset):
             angles = angles[index]
         rot, tilt, psi = torch.from_numpy(np.ascontiguousarray(angles)).unbind(-1)
         return relion_euler_to_matrix(rot, tilt, psi).transpose(-1, -2).contiguous()
+
+
+def _release_pages(data: np.ndarray, start: int, stop: int) -> None:
+    """Drop images ``[start, stop)`` of a memory-mapped stack from this process's resident memory.
+
+    Pages of a file mapping stay resident (counted in RSS) once touched, so a pass over a large
+    stack would look like it holds the whole file; they stay in the page cache for the next read.
+    """
+    mapping = getattr(data, "_mmap", None)  # numpy.memmap's mmap.mmap of the whole file
+    if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    row = data.strides[0]
+    # widened: a fault maps neighbouring pages too (fault-around, whole folios)
+    lo = max(0, data.offset + start * row - FAULT_AROUND_BYTES)
+    lo -= lo % mmap.PAGESIZE
+    hi = min(data.offset + stop * row + FAULT_AROUND_BYTES, len(mapping))
+    with contextlib.suppress(OSError, ValueError):
+        mapping.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
