@@ -226,3 +226,23 @@ def fsc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     pa = np.bincount(shell, (np.abs(fa) ** 2).ravel()[keep], n_shells)
     pb = np.bincount(shell, (np.abs(fb) ** 2).ravel()[keep], n_shells)
     return cross / np.sqrt(pa * pb + 1e-300)
+
+
+def fsc_against_volume(star_path: str | Path, volume_mrc: str | Path, **kwargs) -> tuple[np.ndarray, float]:
+    """Reconstruct a particle set at its stated poses and compare it with a reference volume (MRC, same box).
+
+    Returns the FSC curve (shells 0 .. N // 2) and its minimum over shells 1 .. N // 8 (up to a
+    quarter of Nyquist), the number the acceptance criterion asks to be >= 0.8.
+    Example: ``curve, low = fsc_against_volume("results/.../train.star", "results/.../potential.mrc")``.
+    """
+    particles = read_particles(star_path)
+    with mrcfile.open(volume_mrc, permissive=True) as mrc:
+        reference = np.asarray(mrc.data, dtype=np.float64)
+        voxel = float(mrc.voxel_size.x)
+    box = particles["images"].shape[-1]
+    if reference.shape != (box,) * 3:
+        raise ValueError(f"{volume_mrc}: volume of shape {reference.shape}, the particles are {box} px")
+    if not np.isclose(voxel, particles["pixel_size_A"], rtol=1e-3):
+        raise ValueError(f"{volume_mrc}: voxel size {voxel} A, the particles' pixel size is {particles['pixel_size_A']} A")
+    curve = fsc(reconstruct_particles(particles, **kwargs), reference)
+    return curve, float(curve[1:box // 8 + 1].min())

@@ -10,11 +10,14 @@ CTF must not.
 
 from __future__ import annotations
 
+import mrcfile
 import numpy as np
 import pytest
+import starfile
 from relion_reference import (
     euler_matrix,
     fsc,
+    fsc_against_volume,
     read_particles,
     reconstruct,
     reconstruct_particles,
@@ -148,6 +151,25 @@ def test_reconstruction_at_the_stated_poses_shifts_and_ctf(synthetic_set):
     assert np.allclose(particles["origin_px"], synthetic_set["origin_px"], atol=1e-5)
     vol = reconstruct_particles(particles)
     assert min_fsc_to_quarter_nyquist(vol, synthetic_set["volume"]) >= 0.8
+
+
+def test_fsc_against_a_volume_file(synthetic_set, tmp_path):
+    """The entry point for other sets (the simulator's): STAR + reference MRC -> FSC curve and its low-resolution minimum."""
+    mrc = tmp_path / "volume.mrc"
+    with mrcfile.new(mrc) as f:
+        f.set_data(synthetic_set["volume"].astype(np.float32))
+        f.voxel_size = PIXEL_A
+    first = synthetic_set["star"].with_name("first.star")  # the first 600 particles, beside their stacks
+    blocks = starfile.read(synthetic_set["star"], always_dict=True)
+    blocks["particles"] = blocks["particles"].iloc[:600]
+    starfile.write(blocks, first)
+    curve, low = fsc_against_volume(first, mrc)
+    assert curve.shape == (BOX // 2 + 1,) and low >= 0.8 and low == curve[1:BOX // 8 + 1].min()
+    with mrcfile.new(mrc, overwrite=True) as f:
+        f.set_data(synthetic_set["volume"].astype(np.float32))
+        f.voxel_size = 2 * PIXEL_A
+    with pytest.raises(ValueError, match="voxel size"):
+        fsc_against_volume(first, mrc)
 
 
 @pytest.mark.parametrize("mistake", ["transposed poses", "flipped shift sign", "CTF ignored"])

@@ -198,6 +198,7 @@ def test_absolute_paths_and_current_folder_fallback(tmp_path, monkeypatch):
 
 def test_particles_without_poses_or_ctf(tmp_path):
     write_particles(tmp_path / "p.star", _images(20), 1.0)
+    _set(tmp_path / "p.star", "particles", rlnAnglePsi=10.0)  # 2D classification's in-plane angle alone: no pose
     ds = ParticleDataset(tmp_path / "p.star")
     assert not ds.has_poses and not ds.has_shifts and not ds.has_ctf
     assert set(ds.read(0, 4)) == {"images", "index", "pixel_size_A"}
@@ -294,6 +295,11 @@ def test_star_lacking_what_the_reader_needs(tmp_path, star31):
     starfile.write(pd.DataFrame({"rlnImageName": ["1@particles_000.mrcs"]}), flat)
     (tmp_path / "particles_000.mrcs").write_bytes((star31.parent / "particles_000.mrcs").read_bytes())
     _one_line_error(flat, r"no pixel size: .*rlnDetectorPixelSize and rlnMagnification")
+    _drop(star31, "particles", "rlnOriginYAngst")
+    _one_line_error(star31, "the particle table has rlnOriginXAngst but not rlnOriginYAngst")
+    empty = tmp_path / "empty.star"
+    empty.write_text("data_particles\n\nloop_\n_rlnImageName #1\n_rlnImagePixelSize #2\n")
+    _one_line_error(empty, "the particle table is empty")
 
 
 def test_ctf_without_voltage_and_unknown_optics_group(star31):

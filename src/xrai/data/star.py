@@ -116,39 +116,50 @@ class ParticleDataset(BlockDataset):
         self._check_optics_agree()
         pixel = self.optics["rlnImagePixelSize"].to_numpy(np.float64)[self._group]
 
+        self._read_poses(particles, pixel)
+        self._read_ctf(particles, "optics table" if optics is not None else "particle table")
+        self.mask = torch.ones(self.image_shape, dtype=torch.bool)
+        logger.info("%s: RELION %s particle set, %d images of %s px at %.4g A/px in %d stack(s), %d optics group(s)",
+                    self.path, self.relion_format, self.n_images, self.image_shape, self.pixel_size_A,
+                    len(self.stack_paths), len(self.optics))
+
+    def _read_poses(self, particles, pixel: np.ndarray) -> None:
+        """Euler angles (all three or none) and origins (Å; RELION 3.0's pixels times the pixel size)."""
         self.has_poses = all(lab in particles for lab in POSE_LABELS)
         if not self.has_poses and any(lab in particles for lab in POSE_LABELS):
             logger.info("%s: only %s of %s present: read as particles without poses", self.path,
                         [lab for lab in POSE_LABELS if lab in particles], list(POSE_LABELS))
         self._angles = (np.stack([self._numeric(particles, lab) for lab in POSE_LABELS], axis=1)
                         if self.has_poses else None)
-
-        if "rlnOriginXAngst" in particles or "rlnOriginYAngst" in particles:
-            self._shifts_A = np.stack([self._numeric(particles, lab) for lab in ("rlnOriginXAngst", "rlnOriginYAngst")], 1)
-        elif "rlnOriginX" in particles or "rlnOriginY" in particles:  # RELION 3.0: pixels
-            self._shifts_A = np.stack([self._numeric(particles, lab) for lab in ("rlnOriginX", "rlnOriginY")], 1)
-            self._shifts_A = self._shifts_A * pixel[:, None]
-        else:
-            self._shifts_A = None
+        self._shifts_A = self._pair(particles, "rlnOriginXAngst", "rlnOriginYAngst")
+        if self._shifts_A is None:
+            in_pixels = self._pair(particles, "rlnOriginX", "rlnOriginY")
+            self._shifts_A = None if in_pixels is None else in_pixels * pixel[:, None]
         self.has_shifts = self._shifts_A is not None
 
+    def _read_ctf(self, particles, where: str) -> None:
+        """Defocus U, V, angle per particle (V = U, angle 0 where absent); voltage, Cs, Q0 must be in the optics."""
         self.has_ctf = "rlnDefocusU" in particles
         self._defocus = None
-        if self.has_ctf:
-            missing = [lab for lab in CTF_OPTICS_LABELS if self.optics[lab].isna().any()]
-            if missing:
-                where = "optics table" if optics is not None else "particle table"
-                raise self._err(f"particles have rlnDefocusU but the {where} lacks {missing}, needed for the CTF")
-            u = self._numeric(particles, "rlnDefocusU")
-            v = self._numeric(particles, "rlnDefocusV") if "rlnDefocusV" in particles else u
-            angle = self._numeric(particles, "rlnDefocusAngle") if "rlnDefocusAngle" in particles else np.zeros_like(u)
-            self._defocus = np.stack([u, v, angle], axis=1).astype(np.float32)
-            if "rlnPhaseShift" in particles and np.any(self._numeric(particles, "rlnPhaseShift") != 0):
-                logger.warning("%s: rlnPhaseShift (phase plate) is not read; the CTF is computed without it", self.path)
-        self.mask = torch.ones(self.image_shape, dtype=torch.bool)
-        logger.info("%s: RELION %s particle set, %d images of %s px at %.4g A/px in %d stack(s), %d optics group(s)",
-                    self.path, self.relion_format, self.n_images, self.image_shape, self.pixel_size_A,
-                    len(self.stack_paths), len(self.optics))
+        if not self.has_ctf:
+            return
+        missing = [lab for lab in CTF_OPTICS_LABELS if self.optics[lab].isna().any()]
+        if missing:
+            raise self._err(f"particles have rlnDefocusU but the {where} lacks {missing}, needed for the CTF")
+        u = self._numeric(particles, "rlnDefocusU")
+        v = self._numeric(particles, "rlnDefocusV") if "rlnDefocusV" in particles else u
+        angle = self._numeric(particles, "rlnDefocusAngle") if "rlnDefocusAngle" in particles else np.zeros_like(u)
+        self._defocus = np.stack([u, v, angle], axis=1).astype(np.float32)
+        if "rlnPhaseShift" in particles and np.any(self._numeric(particles, "rlnPhaseShift") != 0):
+            logger.warning("%s: rlnPhaseShift (phase plate) is not read; the CTF is computed without it", self.path)
+
+    def _pair(self, table, x: str, y: str) -> np.ndarray | None:
+        """Columns ``x`` and ``y`` as (n, 2), None if neither is there; one without the other is an error."""
+        if x not in table and y not in table:
+            return None
+        if x not in table or y not in table:
+            raise self._err(f"the particle table has {x if x in table else y} but not {y if x in table else x}")
+        return np.stack([self._numeric(table, x), self._numeric(table, y)], axis=1)
 
     def _numeric(self, table, label: str) -> np.ndarray:
         """Column ``label`` as float64; a non-numeric or missing value is an error naming it."""
