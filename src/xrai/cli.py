@@ -19,6 +19,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from xrai import __version__, structure
+from xrai.cryoem import potential
+from xrai.cryoem import simulate as simulate_cryoem
 from xrai.errors import XraiError
 from xrai.evaluation import evaluate
 from xrai.recon import emc, train
@@ -31,6 +33,9 @@ logger = logging.getLogger(__name__)
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "fetch": (structure.add_arguments, structure.run, "fetch a PDB entry, select chains, write mmCIF + summary"),
     "simulate": (simulate.add_arguments, simulate.run, "simulate an SPI diffraction dataset to HDF5"),
+    "simulate-cryoem": (simulate_cryoem.add_arguments, simulate_cryoem.run,
+                        "simulate a cryo-EM particle set to RELION STAR + mrcs"),
+    "potential": (potential.add_arguments, potential.run, "cryo-EM reference potential (MRC) from the atoms"),
     "reference": (density.add_arguments, density.run, "reference electron density and true intensity volume"),
     "train": (train.add_arguments, train.run, "train a reconstruction (X-RAI, paper recipe, known poses)"),
     "select-best": (train.add_select_arguments, train.run_select, "pick the best of several runs by train pose error"),

@@ -4,7 +4,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from xrai.config import method_runs, protein_entries, size_label, validate_config  # noqa: E402
+from xrai.config import method_runs, modality, protein_entries, size_label, validate_config  # noqa: E402
 from xrai.errors import XraiError  # noqa: E402
 
 try:
@@ -62,7 +62,16 @@ def run_outputs(wildcards):
     ]
 
 
+def cryoem_outputs():
+    """A cryo-EM config's targets: every particle set (RELION STAR + mrcs) and the reference potential."""
+    stars = expand(f"{RES}/datasets/{{protein}}/train_{{size}}.star", protein=PROTEINS, size=TRAIN_SIZES)
+    stars += expand(f"{RES}/datasets/{{protein}}/test_{TEST_SIZE}.star", protein=PROTEINS)
+    return stars + expand(f"{RES}/reference/{{protein}}/potential.mrc", protein=PROTEINS)
+
+
 def final_outputs():
+    if modality(config) == "cryoem":  # training on cryo-EM data is the next step
+        return cryoem_outputs()
     metrics = expand(
         f"{RES}/metrics/{{protein}}/{{size}}/{{method}}/metrics.json",
         protein=PROTEINS,
