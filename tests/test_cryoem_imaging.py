@@ -13,7 +13,7 @@ import torch
 from relion_reference import euler_matrix, relion_ctf
 from test_relion_reference import blob_volume, project, random_poses
 
-from xrai.cryoem.imaging import CentralSliceImaging, ctf_rfft, fourier_volume, sample_fourier
+from xrai.cryoem.imaging import CentralSliceImaging, batch_ctf, fourier_volume, sample_fourier
 
 BOX, PIXEL_A, N = 32, 1.5, 6
 
@@ -68,7 +68,7 @@ def test_ctf_is_relions_including_v_above_u():
                   defocus_angle_deg=np.array([20.0, 125.0]), voltage_kv=np.full(2, 300.0), cs_mm=np.full(2, 2.7),
                   amplitude_contrast=np.full(2, 0.07))
     reference = relion_ctf(n, 1.2, **params)  # centred full grid
-    ours = ctf_rfft({k: torch.tensor(v) for k, v in params.items()}, 1.2, n)
+    ours = batch_ctf({k: torch.tensor(v) for k, v in params.items()}, 1.2, n)
     # to the rfft layout; the Nyquist column is kx = -1/2 there, +1/2 in the rfft (CTF(kx, ky) != CTF(-kx, ky))
     centred = np.fft.ifftshift(reference, axes=(-2, -1))[..., : n // 2]
     np.testing.assert_allclose(ours[..., : n // 2].numpy(), centred, atol=1e-3)
@@ -82,3 +82,23 @@ def test_imaging_model_shapes_and_grid():
     assert imaging.reconstruction_grid().voxel_size == pytest.approx(2.0)
     images = torch.randn(3, 20, 20)
     torch.testing.assert_close(imaging.to_images(imaging.spectrum(images)), images, atol=1e-5, rtol=0)
+
+
+def test_matches_the_simulators_projector_and_filter(projected):
+    """The simulator's path (Fourier-slice projection, then CTF and shift on a 2x padded grid) gives the same images."""
+    from xrai.cryoem.ctf import CtfParams, fourier_filter
+    from xrai.cryoem.projection import FourierProjector
+
+    b = dict(projected["batch"])
+    # U >= V: the simulator's filter (torch-ctf) gives NaN for V > U
+    b["defocus_u_A"], b["defocus_v_A"] = (torch.maximum(b["defocus_u_A"], b["defocus_v_A"]),
+                                          torch.minimum(b["defocus_u_A"], b["defocus_v_A"]))
+    clean = FourierProjector(projected["volume"].permute(2, 1, 0).float(), pad_factor=2).project(projected["A"].float())
+    ctf = CtfParams(defocus_u_A=b["defocus_u_A"], defocus_v_A=b["defocus_v_A"], defocus_angle_deg=b["defocus_angle_deg"],
+                    voltage_kv=300.0, cs_mm=2.7, amplitude_contrast=0.1)
+    simulated = fourier_filter(clean, PIXEL_A, ctf=ctf, shifts_px=-b["shifts_A"] / PIXEL_A, pad_factor=2)
+    imaging = CentralSliceImaging(BOX, PIXEL_A, pad=2)
+    spectrum, grid = fourier_volume(projected["volume"], PIXEL_A, pad=2)
+    ours = imaging.to_images(imaging.form_image(
+        sample_fourier(spectrum, imaging.coordinates(projected["A"].transpose(1, 2).float()), grid), b))
+    assert float(((ours - simulated) ** 2).sum() / (simulated**2).sum()) < 2e-3

@@ -28,10 +28,10 @@ Usage::
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
+from xrai.cryoem.ctf import CtfParams, ctf_rfft, shift_phase
 from xrai.imaging import ImagingModel
 from xrai.volume import ReciprocalGrid, sample_volume
 
@@ -48,26 +48,23 @@ def rfft_frequencies(size: int, pixel_size_A: float) -> tuple[torch.Tensor, torc
     return kx[None, :].expand(size, -1), ky[:, None].expand(-1, kx.numel())
 
 
-def ctf_rfft(batch: dict, pixel_size_A: float, size: int) -> torch.Tensor:
+def batch_ctf(batch: dict, pixel_size_A: float, size: int) -> torch.Tensor:
     """RELION's CTF of every image of ``batch`` on the rfft grid of a ``size``² image: ``(B, size, size // 2 + 1)``.
 
-    Defocus U, V in Å (positive underfocus), U along ``defocus_angle_deg`` from x; CTF(0) = +Q0.
+    ``xrai.cryoem.ctf.ctf_rfft`` (torch-ctf) per optics group; defocus U, V in Å (positive
+    underfocus), U along ``defocus_angle_deg`` from x; CTF(0) = +Q0.
     """
-    from torch_ctf import calculate_ctf_2d
-
     u, v, angle, kv, cs, q0 = (torch.as_tensor(batch[key], dtype=torch.float64).reshape(-1) for key in CTF_KEYS)
     if not (torch.allclose(kv, kv[0]) and torch.allclose(cs, cs[0]) and torch.allclose(q0, q0[0])):
-        # one call per optics group: torch-ctf takes the microscope constants as scalars
-        return torch.cat([ctf_rfft({k: batch[k][i:i + 1] for k in CTF_KEYS}, pixel_size_A, size)
+        # one call per image: torch-ctf takes the microscope constants as scalars
+        return torch.cat([batch_ctf({k: batch[k][i:i + 1] for k in CTF_KEYS}, pixel_size_A, size)
                           for i in range(len(u))])
     # torch-ctf returns NaN for a negative astigmatism: V > U is the same CTF as U, V swapped, 90 degrees on
     swap = v > u
-    u, v, angle = torch.where(swap, v, u), torch.where(swap, u, v), torch.where(swap, angle + 90.0, angle)
-    return calculate_ctf_2d(
-        defocus=(u + v) / 2 * 1e-4, astigmatism=(u - v) / 2 * 1e-4, astigmatism_angle=angle,
-        voltage=float(kv[0]), spherical_aberration=float(cs[0]), amplitude_contrast=float(q0[0]),
-        phase_shift=0.0, pixel_size=pixel_size_A, image_shape=(size, size), rfft=True, fftshift=False,
-    ).float().reshape(len(u), size, size // 2 + 1)
+    params = CtfParams(defocus_u_A=torch.where(swap, v, u), defocus_v_A=torch.where(swap, u, v),
+                       defocus_angle_deg=torch.where(swap, angle + 90.0, angle), voltage_kv=float(kv[0]),
+                       cs_mm=float(cs[0]), amplitude_contrast=float(q0[0]))
+    return ctf_rfft(params, pixel_size_A, size).reshape(len(u), size, size // 2 + 1)
 
 
 class CentralSliceImaging(ImagingModel):
@@ -125,13 +122,12 @@ class CentralSliceImaging(ImagingModel):
         """The CTF ``(B, M, M // 2 + 1)`` of a batch with CTF keys; None without them (no CTF)."""
         if batch is None or CTF_KEYS[0] not in batch:
             return None
-        return ctf_rfft(batch, self.pixel_size_A, self.padded).to(self.pixel_coordinates.device)
+        return batch_ctf(batch, self.pixel_size_A, self.padded).to(self.pixel_coordinates.device)
 
     def shift_phase(self, shifts_A: torch.Tensor) -> torch.Tensor:
         """``exp(+2 pi i k · origin)`` ``(B, M, M // 2 + 1)`` for RELION origins ``shifts_A`` (B, 2) (x, y) in Å."""
-        k = self.pixel_coordinates[..., :2].double()
-        phase = torch.einsum("hwc,bc->bhw", k, shifts_A.to(k.device).double())
-        return torch.polar(torch.ones_like(phase), 2 * math.pi * phase).to(torch.complex64)
+        # the particle sits at centre - origin: the simulator's shift t = -origin (pixels)
+        return shift_phase(-shifts_A.double() / self.pixel_size_A, self.padded).to(self.pixel_coordinates.device)
 
     def factors(self, batch: dict | None) -> torch.Tensor | None:
         """CTF × shift phase ``(B, M, M // 2 + 1)`` (complex) of a batch, None if it has neither."""
