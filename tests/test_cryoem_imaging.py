@@ -13,7 +13,8 @@ import torch
 from relion_reference import euler_matrix, relion_ctf
 from test_relion_reference import blob_volume, project, random_poses
 
-from xrai.cryoem.imaging import CentralSliceImaging, batch_ctf, fourier_volume, sample_fourier
+from xrai.cryoem.imaging import CentralSliceImaging, batch_ctf
+from xrai.fourier import fourier_volume, sample_fourier
 
 BOX, PIXEL_A, N = 32, 1.5, 6
 

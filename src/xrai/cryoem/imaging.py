@@ -12,12 +12,12 @@ the phase origin. The recorded transform is
 with ``origin = shifts_A`` (the particle sits at the image centre minus the origin).
 
 Volumes are real-space ``[x, y, z]`` arrays (``xrai.io.read_mrc``), origin at voxel ``N // 2``;
-:func:`fourier_volume` gives their centred 3D transform on a :class:`~xrai.volume.ReciprocalGrid`
-with ``dq = 1 / (pad N pixel)``, pre-corrected for trilinear interpolation, and
-:func:`sample_fourier` reads it at slice coordinates.
+:func:`xrai.fourier.fourier_volume` gives their centred 3D transform and
+:func:`xrai.fourier.sample_fourier` reads it at slice coordinates.
 
 Usage::
 
+    from xrai.fourier import fourier_volume, sample_fourier
     imaging = CentralSliceImaging(64, pixel_size_A=1.6, pad=2)
     spectrum, grid = fourier_volume(volume_xyz, 1.6, pad=2)
     k = imaging.coordinates(R)                                    # (B, M, M // 2 + 1, 3)
@@ -32,8 +32,9 @@ import logging
 import torch
 
 from xrai.cryoem.ctf import CtfParams, ctf_rfft, shift_phase
+from xrai.fourier import fourier_grid
 from xrai.imaging import ImagingModel
-from xrai.volume import ReciprocalGrid, sample_volume
+from xrai.volume import ReciprocalGrid
 
 logger = logging.getLogger(__name__)
 
@@ -142,55 +143,3 @@ class CentralSliceImaging(ImagingModel):
         """Slice values ``V^(R k)`` ``(B, M, M // 2 + 1)`` (complex) -> the recorded image's spectrum."""
         f = self.factors(batch)
         return values if f is None else values * f
-
-
-# --------------------------------------------------------------------------- 3D Fourier volumes
-
-
-def fourier_grid(size: int, pixel_size_A: float) -> ReciprocalGrid:
-    """The centred reciprocal grid of a real-space box of ``size`` voxels of ``pixel_size_A``: ``dq = 1 / (size px)``."""
-    return ReciprocalGrid(int(size), (int(size) // 2 - 1) / (int(size) * float(pixel_size_A)))
-
-
-def _sinc2(size: int, padded: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Separable sinc² ``(size,)*3`` of trilinear interpolation on a grid of ``padded`` voxels, centred."""
-    x = (torch.arange(size, dtype=dtype) - size // 2) / padded
-    s = torch.sinc(x) ** 2
-    return s[:, None, None] * s[None, :, None] * s[None, None, :]
-
-
-def fourier_volume(volume: torch.Tensor, pixel_size_A: float, pad: int = 2) -> tuple[torch.Tensor, ReciprocalGrid]:
-    """Centred 3D transform (complex, ``(pad N,)*3``, ``[x, y, z]``) of a real ``[x, y, z]`` volume, and its grid.
-
-    Zero-padded ``pad`` times and divided by sinc² beforehand, so that trilinear reads
-    (:func:`sample_fourier`) approximate the exact transform.
-    """
-    vol = torch.as_tensor(volume).double()
-    n = vol.shape[0]
-    m = pad * n
-    lo = (m - n) // 2
-    padded = torch.nn.functional.pad(vol, [lo, m - n - lo] * 3)
-    padded = padded / _sinc2(m, m)
-    spectrum = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(padded)))
-    return spectrum.to(torch.complex64), fourier_grid(m, pixel_size_A)
-
-
-def sample_fourier(spectrum: torch.Tensor, k: torch.Tensor, grid: ReciprocalGrid) -> torch.Tensor:
-    """Trilinear read of a complex centred volume at ``k`` (..., 3) in the grid's units: complex ``(...)``."""
-    parts = torch.stack([spectrum.real, spectrum.imag])
-    out = sample_volume(parts, k.to(parts.dtype), grid)
-    return torch.complex(out[0], out[1])
-
-
-def real_volume(spectrum: torch.Tensor, size: int, gridding: torch.Tensor | None = None) -> torch.Tensor:
-    """The real ``[x, y, z]`` volume ``(size,)*3`` of a centred transform of a padded box (cropped to ``size``).
-
-    ``gridding`` (real space, the padded box's shape) divides the result (e.g. the sinc² of
-    trilinear insertion), None for none.
-    """
-    m = spectrum.shape[0]
-    vol = torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(spectrum))).real
-    if gridding is not None:
-        vol = vol / gridding.to(vol)
-    lo = (m - size) // 2
-    return vol[lo:lo + size, lo:lo + size, lo:lo + size]

@@ -434,6 +434,17 @@ class ParticleDataset(BlockDataset):
         rot, tilt, psi = torch.from_numpy(np.ascontiguousarray(angles)).unbind(-1)
         return relion_euler_to_matrix(rot, tilt, psi).transpose(-1, -2).contiguous()
 
+    def true_shifts(self, index: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
+        """The STAR file's origins ``shifts_A`` ``(N, 2)`` float64 (zeros without origin columns); reads no image."""
+        n = self.n_images
+        shifts = self._shifts_A if self.has_shifts else np.zeros((n, 2))
+        if index is None:
+            return np.array(shifts, dtype=np.float64)
+        index = np.asarray(index, dtype=np.int64)
+        if len(index) and (index.min() < 0 or index.max() >= n):
+            raise self._err(f"image index out of range [0, {n}) (poses written for another dataset?)")
+        return np.asarray(shifts, dtype=np.float64)[index]
+
 
 def _release_pages(data: np.ndarray, start: int, stop: int) -> None:
     """Drop images ``[start, stop)`` of a memory-mapped stack from this process's resident memory.

@@ -53,6 +53,7 @@ import torch
 from xrai.data.hdf5 import DiffractionDataset
 from xrai.errors import XraiError
 from xrai.imaging import ImagingModel
+from xrai.recon.cryoem_train import CRYOEM_METHODS, train_cryoem
 from xrai.recon.models import Autoencoder
 from xrai.recon.recipe import Batch, Recipe
 from xrai.recon.recipes import RECIPES, get_recipe
@@ -351,6 +352,10 @@ def train(
     from xrai.io import provenance, write_run_metadata
     from xrai.utils import pick_device, resource_usage, seed_everything, set_cpu_threads
 
+    if Path(train_data).suffix == ".star":  # a RELION particle set: the cryo-EM loop
+        if "methods" in (cfg.get("train") or {}):
+            cfg = method_config(cfg, method)
+        return train_cryoem(cfg, method, run, train_data, test_data, out_dir)
     cfg = method_config(cfg, method)
     tcfg = cfg["train"]
     out = Path(out_dir)
@@ -542,7 +547,8 @@ def select_best(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> di
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``xrai train``."""
-    parser.add_argument("--method", required=True, choices=sorted(RECIPES), help="training recipe")
+    parser.add_argument("--method", required=True, choices=sorted(set(RECIPES) | set(CRYOEM_METHODS)),
+                        help="training recipe (on a .star particle set: the cryo-EM ones)")
     parser.add_argument("--run", type=int, default=0, help="run number k (seed = train.seed + k)")
     parser.add_argument("--train-data", required=True, metavar="H5", help="training dataset (xrai simulate)")
     parser.add_argument("--test-data", required=True, metavar="H5", help="test dataset (pose error, poses_test.h5)")

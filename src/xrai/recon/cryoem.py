@@ -1,0 +1,261 @@
+"""Cryo-EM reconstruction: the known-pose Wiener bound and the fast default (bounded search + closed-form merge).
+
+Both work on RELION particle sets (:class:`xrai.data.star.ParticleDataset`) through the
+cryo-EM imaging model (:class:`xrai.cryoem.imaging.CentralSliceImaging`: slice × CTF × shift
+phase) and the CTF-weighted Wiener merge (:class:`xrai.recon.wiener.WienerMerge`).
+
+* ``cryoem-known-pose``: one streamed pass at the true poses, shifts and CTF; the Wiener
+  filter's SSNR from the two half sets. The best volume the data allow (a row of every table).
+* ``xrai`` on a cryo-EM set (:class:`CryoemSearchRecipe`): the X-ray default's idea carried over
+  to CTF, shifts and noise (``docs/method.md``). Every step takes one batch: a bounded search over
+  a Hopf grid of rotations × a grid of shifts, scored by the least-squares fit of the CTF-modulated
+  slice after its best scale (one complex matrix product per batch), on random Fourier pixels
+  within the current resolution limit; a pattern-search refinement of rotation and shift; then the
+  batch is merged into the running Wiener sums (older content decays, so the volume is the
+  average of the last ``memory`` images: an online EM). The limit rises from ``q_start_A`` to
+  ``q_end_A`` over the first ``ramp_fraction`` of the steps. The final volume is one more
+  closed-form merge of the training set at its inferred poses, on a 2x padded grid.
+
+The loop that runs them on a particle set is :func:`xrai.recon.cryoem_train.train_cryoem`.
+
+Usage::
+
+    recipe = CryoemSearchRecipe(cfg, imaging, seed=0)       # imaging: CentralSliceImaging of the set
+    recipe.initialise(dataset)
+    for step, batch in enumerate(batches):
+        recipe.training_step(batch, step)
+    R, origins_A = recipe.infer(batch)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from xrai.fourier import sample_fourier
+from xrai.imaging import ImagingModel
+from xrai.recon.abinitio import pattern_moves
+from xrai.recon.wiener import WienerMerge
+from xrai.rotations import quaternion_to_matrix, random_quaternions
+from xrai.so3grid import nominal_spacing_deg, so3_grid
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def fit_losses(obs: torch.Tensor, ctf: torch.Tensor | None, slices: torch.Tensor) -> torch.Tensor:
+    """Least-squares misfit after the best non-negative scale: ``||F||² - max(<F, c S>, 0)² / ||c S||²``.
+
+    ``obs`` (B, C, P) complex (already un-shifted), ``ctf`` (B, 1, P) or None, ``slices`` (B, C, P).
+    """
+    pred = slices if ctf is None else slices * ctf
+    corr = (obs.conj() * pred).real.sum(-1)
+    norm = (pred.abs() ** 2).sum(-1).clamp_min(1e-30)
+    return (obs.abs() ** 2).sum(-1) - corr.clamp_min(0) ** 2 / norm
+
+
+def shift_phases(k2: torch.Tensor, shifts_A: torch.Tensor) -> torch.Tensor:
+    """``exp(+2 pi i k · origin)`` for pixels ``k2`` (P, 2) and origins (..., 2) in Å: (..., P) complex."""
+    phase = 2 * math.pi * (shifts_A.to(k2) @ k2.T)
+    return torch.polar(torch.ones_like(phase), phase)
+
+
+def shift_grid(max_shift_A: float, points: int) -> torch.Tensor:
+    """``points``² origins (x, y) in Å spanning ``[-max_shift_A, max_shift_A]`` (the origin alone if 1 point)."""
+    if points <= 1 or max_shift_A <= 0:
+        return torch.zeros(1, 2)
+    ax = torch.linspace(-max_shift_A, max_shift_A, points)
+    return torch.stack(torch.meshgrid(ax, ax, indexing="xy"), dim=-1).reshape(-1, 2)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass
+class CryoemSearchSettings:
+    """Knobs of the cryo-EM fast default (config ``train.xrai_cryoem``); the defaults are the measured ones."""
+
+    steps: int = 400
+    batch_size: int = 64
+    search_level: int = 1
+    search_pixels: int = 256
+    shift_points: int = 5
+    max_shift_A: float = 8.0
+    refine_deg: tuple[float, ...] = (8.0, 4.0, 2.0, 1.0)
+    refine_shift_A: tuple[float, ...] = (1.0, 0.5)
+    refine_pixels: int = 512
+    infer_refine_deg: tuple[float, ...] = (8.0, 4.0, 2.0, 1.0, 0.5, 0.25)
+    infer_refine_shift_A: tuple[float, ...] = (1.0, 0.5, 0.25)
+    memory_images: tuple[int, int] = (1024, 4096)
+    init_images: int = 512
+    q_start_A: float = 20.0
+    q_end_A: float = 0.0
+    ramp_fraction: float = 0.6
+    final_pad: int = 2
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> CryoemSearchSettings:
+        """``train.xrai_cryoem`` over the defaults; ``train.steps`` / ``train.batch_size`` where given."""
+        section = dict((cfg.get("train") or {}).get("xrai_cryoem") or {})
+        out = cls()
+        for f in fields(cls):
+            if f.name in section:
+                value = section[f.name]
+                default = getattr(out, f.name)
+                setattr(out, f.name, tuple(float(v) if isinstance(default[0], float) else int(v) for v in value)
+                        if isinstance(default, tuple) else type(default)(value))
+        return out
+
+    def q_limit(self, step: int, q_nyquist: float) -> float:
+        """The resolution limit (Å⁻¹) of ``step``: ``1 / q_start_A`` rising linearly to ``1 / q_end_A`` (0: Nyquist)."""
+        q0 = min(1.0 / self.q_start_A, q_nyquist)
+        q1 = q_nyquist if self.q_end_A <= 0 else min(1.0 / self.q_end_A, q_nyquist)
+        t = min(1.0, step / max(1.0, self.ramp_fraction * self.steps))
+        return q0 + t * (q1 - q0)
+
+    def memory(self, step: int) -> float:
+        a, b = self.memory_images
+        return a + (b - a) * min(1.0, step / max(1, self.steps))
+
+
+# --------------------------------------------------------------------------- the search recipe
+
+
+class CryoemSearchRecipe:
+    """The fast default on cryo-EM data (this module's docstring); poses and shifts per image from a bounded search."""
+
+    name = "xrai"
+    learns_poses = True
+
+    def __init__(self, cfg: dict, imaging: ImagingModel, seed: int = 0) -> None:
+        self.s = CryoemSearchSettings.from_config(cfg)
+        self.imaging = imaging
+        self.gen = torch.Generator().manual_seed(int(seed))
+        self.merge = WienerMerge(imaging.reconstruction_grid())
+        self.volume = None  # complex (M,)*3, refreshed after each merge
+        self.grid_R = quaternion_to_matrix(so3_grid(self.s.search_level)).float()
+        self.grid_step_deg = nominal_spacing_deg(self.s.search_level)
+        self.shifts = shift_grid(self.s.max_shift_A, self.s.shift_points)
+        q = imaging.pixel_coordinates.norm(dim=-1)
+        self.q = q
+        self.q_nyquist = 0.5 / imaging.pixel_size_A
+        self.timings: dict[str, float] = {"search": 0.0, "refine": 0.0, "merge": 0.0}
+
+    # -- pieces
+    def _pixels(self, q_limit: float, count: int, generator: torch.Generator | None) -> torch.Tensor:
+        """Indices of ``count`` random Fourier pixels with ``0 < |k| <= q_limit`` (all of them if fewer)."""
+        inside = torch.nonzero(((self.q > 0) & (self.q <= q_limit)).flatten()).flatten()
+        if len(inside) <= count:
+            return inside
+        return inside[torch.randperm(len(inside), generator=generator)[:count]]
+
+    def _observations(self, batch: dict, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        spectrum = self.imaging.spectrum(batch["images"]).flatten(1)[:, pixels]
+        ctf = self.imaging.ctf(batch)
+        ctf = None if ctf is None else ctf.flatten(1)[:, pixels]
+        k = self.imaging.pixel_coordinates.reshape(-1, 3)[pixels]
+        return spectrum, ctf, k
+
+    def _slices(self, R: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Volume values at ``R @ k``: ``R`` (..., 3, 3), ``k`` (P, 3) -> (..., P) complex."""
+        return sample_fourier(self.volume, torch.einsum("...ij,pj->...pi", R, k), self.merge.grid)
+
+    def grid_search(self, obs: torch.Tensor, ctf: torch.Tensor | None, k: torch.Tensor,
+                    chunk: int = 1152) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best grid rotation and grid shift per image: ``(B, 3, 3)``, ``(B, 2)``.
+
+        One matrix product per chunk of rotations: ``corr[b, s, g] = Re <F_b conj(phase_s), c_b S_g>``.
+        """
+        B, S = obs.shape[0], len(self.shifts)
+        unshifted = obs[:, None, :] * shift_phases(k[:, :2], self.shifts).conj()[None]  # (B, S, P)
+        weighted = unshifted if ctf is None else unshifted * ctf[:, None, :]
+        w2 = torch.ones_like(obs.real) if ctf is None else ctf**2
+        best_loss = torch.full((B,), math.inf)
+        best_g = torch.zeros(B, dtype=torch.long)
+        best_s = torch.zeros(B, dtype=torch.long)
+        energy = (obs.abs() ** 2).sum(-1)
+        for g0 in range(0, len(self.grid_R), chunk):
+            slices = self._slices(self.grid_R[g0:g0 + chunk], k)  # (G, P)
+            corr = (weighted.conj().reshape(B * S, -1) @ slices.T).real.reshape(B, S, -1)
+            norm = (w2 @ (slices.abs() ** 2).T).clamp_min(1e-30)  # (B, G)
+            loss = energy[:, None, None] - corr.clamp_min(0) ** 2 / norm[:, None, :]
+            flat = loss.reshape(B, -1)
+            value, arg = flat.min(dim=1)
+            better = value < best_loss
+            best_loss = torch.where(better, value, best_loss)
+            best_s = torch.where(better, arg // loss.shape[2], best_s)
+            best_g = torch.where(better, g0 + arg % loss.shape[2], best_g)
+        return self.grid_R[best_g], self.shifts[best_s].clone()
+
+    def refine(self, obs: torch.Tensor, ctf: torch.Tensor | None, k: torch.Tensor, R: torch.Tensor,
+               t: torch.Tensor, rot_steps: tuple[float, ...], shift_steps: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pattern search: rotations by ±step about x, y, z, then shifts by ±step in x, y, each kept if better."""
+        ctf1 = None if ctf is None else ctf[:, None, :]
+        for step in rot_steps:
+            cand = R[:, None] @ pattern_moves(step).to(R)[None]  # (B, 7, 3, 3)
+            loss = fit_losses(obs[:, None, :] * shift_phases(k[:, :2], t).conj()[:, None, :], ctf1,
+                              self._slices(cand, k))
+            R = cand[torch.arange(len(R)), loss.argmin(1)]
+        slices = self._slices(R, k)[:, None, :]
+        moves = torch.tensor([[0.0, 0.0], [1, 0], [-1, 0], [0, 1], [0, -1]])
+        for step in shift_steps:
+            cand = t[:, None, :] + step * moves[None]  # (B, 5, 2)
+            loss = fit_losses(obs[:, None, :] * shift_phases(k[:, :2], cand).conj(), ctf1, slices)
+            t = cand[torch.arange(len(t)), loss.argmin(1)]
+        return R, t
+
+    def align(self, batch: dict, q_limit: float, search: bool = True, generator: torch.Generator | None = None,
+              rot_steps: tuple[float, ...] | None = None, shift_steps: tuple[float, ...] | None = None,
+              R0: torch.Tensor | None = None, t0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotation and origin (Å) per image of ``batch`` against the current volume: search, then refinement."""
+        t_start = time.perf_counter()
+        if search:
+            obs, ctf, k = self._observations(batch, self._pixels(q_limit, self.s.search_pixels, generator))
+            R, t = self.grid_search(obs, ctf, k)
+        else:
+            R, t = R0, t0
+        t_mid = time.perf_counter()
+        obs, ctf, k = self._observations(batch, self._pixels(q_limit, self.s.refine_pixels, generator))
+        R, t = self.refine(obs, ctf, k, R, t, self.s.refine_deg if rot_steps is None else rot_steps,
+                           self.s.refine_shift_A if shift_steps is None else shift_steps)
+        self.timings["search"] += t_mid - t_start
+        self.timings["refine"] += time.perf_counter() - t_mid
+        return R, t
+
+    def merge_batch(self, batch: dict, R: torch.Tensor, t: torch.Tensor, q_insert: float) -> None:
+        t0 = time.perf_counter()
+        spectrum = self.imaging.spectrum(batch["images"])
+        factors_batch = {key: v for key, v in batch.items() if key != "shifts_A"} | {"shifts_A": t}
+        self.merge.insert(self.imaging, spectrum, R, factors_batch, pixels=self.q <= q_insert)
+        self.volume = self.merge.spectrum()
+        self.timings["merge"] += time.perf_counter() - t0
+
+    # -- training
+    def initialise(self, dataset: Any) -> None:
+        """The first volume: ``init_images`` images merged at random rotations, no shift (a near-isotropic blob)."""
+        n = min(len(dataset), self.s.init_images)
+        batch = dataset.read(0, n)
+        R = quaternion_to_matrix(random_quaternions(n, generator=self.gen)).float()
+        self.merge_batch(batch, R, torch.zeros(n, 2), self.s.q_limit(0, self.q_nyquist))
+
+    def training_step(self, batch: dict, step: int) -> dict:
+        q_limit = self.s.q_limit(step, self.q_nyquist)
+        R, t = self.align(batch, q_limit, generator=self.gen)
+        self.merge.decay(1.0 - len(R) / self.s.memory(step))
+        self.merge_batch(batch, R, t, min(self.q_nyquist, 1.5 * q_limit))
+        return {"q_limit_A": 1.0 / q_limit}
+
+    @torch.no_grad()
+    def infer(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pose and origin of each image: search and the finer refinement, at the final resolution limit."""
+        q_limit = self.s.q_limit(self.s.steps, self.q_nyquist)
+        gen = torch.Generator().manual_seed(1)
+        return self.align(batch, q_limit, generator=gen, rot_steps=self.s.infer_refine_deg,
+                          shift_steps=self.s.infer_refine_shift_A)

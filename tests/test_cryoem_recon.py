@@ -1,0 +1,121 @@
+"""Cryo-EM reconstruction with known answers: the Wiener known-pose bound, the fast default, the evaluation.
+
+A blob volume (tests/test_relion_reference.py's) is projected by the simulator's Fourier-slice
+projector, filtered by CTF and shifts, given white noise at 0 dB and written as a RELION 3.1 set
+with the independent writer of tests/relion_reference.py. The true poses must reconstruct it;
+random poses must not; the fast default must find poses far below chance error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from relion_reference import euler_matrix, write_particles
+from test_relion_reference import blob_volume, random_poses
+
+from xrai.cryoem.imaging import CentralSliceImaging
+from xrai.data.star import ParticleDataset
+from xrai.evaluation.cryoem import evaluate_cryoem, fit_frame_translation, pose_metrics
+from xrai.evaluation.metrics import fsc
+from xrai.io import write_mrc
+from xrai.recon.cryoem_train import _write_poses, known_pose_volume, train_cryoem
+
+BOX, PIXEL_A, N_TRAIN, N_TEST = 32, 2.5, 1536, 256
+
+
+def _simulate(vol_zyx: np.ndarray, n: int, rng: np.random.Generator, snr_db: float | None) -> dict:
+    from xrai.cryoem.ctf import CtfParams, fourier_filter
+    from xrai.cryoem.projection import FourierProjector
+
+    angles = random_poses(rng, n)
+    A = torch.tensor(euler_matrix(*angles.T), dtype=torch.float32)
+    origin_A = rng.normal(0, 2.5, (n, 2))
+    u = rng.uniform(5000, 15000, n)
+    ctf = dict(defocus_u_A=u, defocus_v_A=u - rng.uniform(0, 300, n), defocus_angle_deg=rng.uniform(0, 180, n),
+               voltage_kv=np.full(n, 300.0), cs_mm=np.full(n, 2.7), amplitude_contrast=np.full(n, 0.1))
+    clean = FourierProjector(torch.from_numpy(vol_zyx).float(), pad_factor=2).project(A)
+    params = CtfParams(**{k: torch.tensor(ctf[k]) for k in ("defocus_u_A", "defocus_v_A", "defocus_angle_deg")},
+                       voltage_kv=300.0, cs_mm=2.7, amplitude_contrast=0.1)
+    images = fourier_filter(clean, PIXEL_A, ctf=params, shifts_px=-torch.tensor(origin_A) / PIXEL_A, pad_factor=2)
+    if snr_db is not None:
+        sigma = float(images.var()) ** 0.5 / 10 ** (snr_db / 20)
+        images = images + sigma * torch.from_numpy(rng.normal(size=images.shape)).float()
+    return {"images": images.numpy(), "angles": angles, "origin_A": origin_A, "ctf": ctf}
+
+
+@pytest.fixture(scope="module")
+def particle_sets(tmp_path_factory) -> dict:
+    rng = np.random.default_rng(3)
+    folder = tmp_path_factory.mktemp("cryoem")
+    vol_zyx = blob_volume(BOX, rng, n_blobs=8)
+    write_mrc(folder / "reference.mrc", vol_zyx.transpose(2, 1, 0), PIXEL_A)
+    out = {"folder": folder, "reference": folder / "reference.mrc", "volume_xyz": vol_zyx.transpose(2, 1, 0)}
+    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+        s = _simulate(vol_zyx, n, rng, snr_db=0.0)
+        write_particles(folder / f"{split}.star", s["images"], PIXEL_A, angles=s["angles"], origin_A=s["origin_A"],
+                        ctf_params=s["ctf"])
+        out[split] = folder / f"{split}.star"
+    return out
+
+
+def _fsc_to_quarter_nyquist(volume_xyz: np.ndarray, reference_xyz: np.ndarray) -> float:
+    return float(min(fsc(volume_xyz, reference_xyz, PIXEL_A)["fsc"][1:BOX // 8 + 1]))
+
+
+def test_known_pose_wiener_reconstructs_and_random_poses_do_not(particle_sets):
+    torch.manual_seed(0)
+    with ParticleDataset(particle_sets["train"]) as ds:
+        imaging = CentralSliceImaging.for_dataset(ds, pad=2)
+        volume, merge = known_pose_volume(ds, imaging)
+        assert _fsc_to_quarter_nyquist(volume.numpy(), particle_sets["volume_xyz"]) >= 0.8
+        ssnr = merge.ssnr()
+        assert float(ssnr[2]) > 10 * float(ssnr[-1])  # the Wiener filter damps the noisy shells
+        R = torch.linalg.qr(torch.randn(len(ds), 3, 3, dtype=torch.float64))[0]
+        R = R * torch.linalg.det(R).sign()[:, None, None]
+        random_volume, _ = known_pose_volume(ds, CentralSliceImaging.for_dataset(ds, pad=1),
+                                             poses=(R.numpy(), ds.true_shifts()))
+        assert _fsc_to_quarter_nyquist(random_volume.numpy(), particle_sets["volume_xyz"]) < 0.5
+
+
+def test_frame_translation_and_shift_error_are_recovered():
+    rng = np.random.default_rng(0)
+    n = 200
+    R = np.stack([np.linalg.qr(rng.normal(size=(3, 3)))[0] for _ in range(n)])
+    R *= np.linalg.det(R)[:, None, None]
+    c = np.array([1.5, -2.0, 0.7])
+    true = rng.normal(0, 3, (n, 2))
+    d = np.einsum("nji,j->ni", R, c)[:, :2]
+    np.testing.assert_allclose(fit_frame_translation(d, R, np.ones(n)), c, atol=1e-9)
+    phi = rng.uniform(0, 2 * np.pi, n)
+    wrong = 0.5 * np.stack([np.cos(phi), np.sin(phi)], 1)  # every origin 0.5 Å off, on top of the frame translation
+    poses = {"rotations": torch.from_numpy(R), "shifts_A": true + d + wrong, "index": np.arange(n)}
+    m = pose_metrics(poses, torch.from_numpy(R), true, pixel_size_A=0.5)
+    assert m["median_deg"] < 1e-5 and m["pi_flip_fraction"] == 0.0
+    assert m["shift_error"]["median_A"] == pytest.approx(0.5, abs=0.1)
+    assert m["shift_error"]["mse_px2"] == pytest.approx(1.0, abs=0.4)
+
+
+def test_fast_default_finds_poses_far_below_chance(particle_sets, tmp_path):
+    torch.manual_seed(0)
+    cfg = {"train": {"seed": 0, "num_threads": 1,
+                     "xrai_cryoem": {"steps": 120, "batch_size": 64, "search_level": 1, "shift_points": 3,
+                                     "max_shift_A": 4.0, "memory_images": [512, 1536], "init_images": 256,
+                                     "q_start_A": 20.0, "ramp_fraction": 0.7, "final_pad": 1}},
+           "evaluation": {"align_angular_step_deg": 30}}
+    run = train_cryoem(cfg, "xrai", 0, particle_sets["train"], particle_sets["test"], tmp_path / "run0")
+    metrics = evaluate_cryoem(run_dir=run, reference=particle_sets["reference"], train_data=particle_sets["train"],
+                              test_data=particle_sets["test"], method="xrai", cfg=cfg)
+    test = metrics["pose_error_test"]
+    assert test["median_deg"] < 10.0  # chance: ~ 90 degrees
+    assert metrics["pose_error_train"]["median_deg"] < 10.0
+    assert test["shift_error"]["median_A"] < 1.5
+    assert metrics["resolution"]["0.5"]["A"] < 4 * 2 * PIXEL_A
+    # the same evaluation with the poses replaced by random ones is at chance (the assertion above can fail)
+    with ParticleDataset(particle_sets["test"]) as ds:
+        R = torch.linalg.qr(torch.randn(len(ds), 3, 3, dtype=torch.float64))[0]
+        R = R * torch.linalg.det(R).sign()[:, None, None]
+        _write_poses(run / "poses_test.h5", R.numpy(), ds.true_shifts(), np.arange(len(ds)), "search", {})
+    chance = evaluate_cryoem(run_dir=run, reference=particle_sets["reference"], train_data=particle_sets["train"],
+                             test_data=particle_sets["test"], method="xrai", cfg=cfg)
+    assert chance["pose_error_test"]["median_deg"] > 40.0
