@@ -84,13 +84,18 @@ class CryoemSearchSettings:
 
     steps: int = 400
     batch_size: int = 64
-    search_level: int = 1
+    search_level: int = 2
     search_pixels: int = 256
+    search_q_A: float = 12.0
     shift_points: int = 5
     max_shift_A: float = 8.0
     refine_deg: tuple[float, ...] = (8.0, 4.0, 2.0, 1.0)
     refine_shift_A: tuple[float, ...] = (1.0, 0.5)
-    refine_pixels: int = 512
+    refine_pixels: int = 1024
+    refine_q_deg: float = 1.0
+    refine_repeats: int = 1
+    refine_shift_per_deg: float = 0.25
+    fsc_margin: float = 1.25
     infer_refine_deg: tuple[float, ...] = (8.0, 4.0, 2.0, 1.0, 0.5, 0.25)
     infer_refine_shift_A: tuple[float, ...] = (1.0, 0.5, 0.25)
     memory_images: tuple[int, int] = (1024, 4096)
@@ -102,8 +107,9 @@ class CryoemSearchSettings:
 
     @classmethod
     def from_config(cls, cfg: dict) -> CryoemSearchSettings:
-        """``train.xrai_cryoem`` over the defaults; ``train.steps`` / ``train.batch_size`` where given."""
-        section = dict((cfg.get("train") or {}).get("xrai_cryoem") or {})
+        """``train.steps``, ``train.batch_size`` and ``train.xrai_cryoem`` (which overrides both) over the defaults."""
+        train = cfg.get("train") or {}
+        section = {k: train[k] for k in ("steps", "batch_size") if k in train} | dict(train.get("xrai_cryoem") or {})
         out = cls()
         for f in fields(cls):
             if f.name in section:
@@ -140,6 +146,7 @@ class CryoemSearchRecipe:
         self.gen = torch.Generator().manual_seed(int(seed))
         self.merge = WienerMerge(imaging.reconstruction_grid())
         self.volume = None  # complex (M,)*3, refreshed after each merge
+        self.q_fsc = math.inf  # where the half-set FSC falls below 0.5 (Å⁻¹)
         self.grid_R = quaternion_to_matrix(so3_grid(self.s.search_level)).float()
         self.grid_step_deg = nominal_spacing_deg(self.s.search_level)
         self.shifts = shift_grid(self.s.max_shift_A, self.s.shift_points)
@@ -156,12 +163,16 @@ class CryoemSearchRecipe:
             return inside
         return inside[torch.randperm(len(inside), generator=generator)[:count]]
 
-    def _observations(self, batch: dict, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        spectrum = self.imaging.spectrum(batch["images"]).flatten(1)[:, pixels]
+    def _observations(self, batch: dict) -> dict:
+        """The batch's spectra, CTF and pixel coordinates, flattened over the Fourier pixels."""
         ctf = self.imaging.ctf(batch)
-        ctf = None if ctf is None else ctf.flatten(1)[:, pixels]
-        k = self.imaging.pixel_coordinates.reshape(-1, 3)[pixels]
-        return spectrum, ctf, k
+        return {"spectrum": self.imaging.spectrum(batch["images"]).flatten(1),
+                "ctf": None if ctf is None else ctf.flatten(1), "k": self.imaging.pixel_coordinates.reshape(-1, 3)}
+
+    @staticmethod
+    def _subset(data: dict, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        ctf = data["ctf"]
+        return data["spectrum"][:, pixels], None if ctf is None else ctf[:, pixels], data["k"][pixels]
 
     def _slices(self, R: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Volume values at ``R @ k``: ``R`` (..., 3, 3), ``k`` (P, 3) -> (..., P) complex."""
@@ -194,37 +205,53 @@ class CryoemSearchRecipe:
             best_g = torch.where(better, g0 + arg % loss.shape[2], best_g)
         return self.grid_R[best_g], self.shifts[best_s].clone()
 
-    def refine(self, obs: torch.Tensor, ctf: torch.Tensor | None, k: torch.Tensor, R: torch.Tensor,
-               t: torch.Tensor, rot_steps: tuple[float, ...], shift_steps: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pattern search: rotations by ±step about x, y, z, then shifts by ±step in x, y, each kept if better."""
-        ctf1 = None if ctf is None else ctf[:, None, :]
+    def refine(self, data: dict, q_limit: float, R: torch.Tensor, t: torch.Tensor, rot_steps: tuple[float, ...],
+               shift_steps: tuple[float, ...], generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pattern search: rotations by ±step about x, y, z, then shifts by ±step in x, y, each kept if better.
+
+        A rotation step of ``d`` degrees is scored on pixels up to ``refine_q_deg / d`` Å⁻¹ (at most
+        ``q_limit``): big steps see low resolution, where the misfit has no local minima that close.
+        """
+        n = torch.arange(len(R))
         for step in rot_steps:
-            cand = R[:, None] @ pattern_moves(step).to(R)[None]  # (B, 7, 3, 3)
-            loss = fit_losses(obs[:, None, :] * shift_phases(k[:, :2], t).conj()[:, None, :], ctf1,
-                              self._slices(cand, k))
-            R = cand[torch.arange(len(R)), loss.argmin(1)]
-        slices = self._slices(R, k)[:, None, :]
-        moves = torch.tensor([[0.0, 0.0], [1, 0], [-1, 0], [0, 1], [0, -1]])
+            obs, ctf, k = self._subset(data, self._pixels(min(q_limit, self.s.refine_q_deg / step),
+                                                          self.s.refine_pixels, generator))
+            ctf1 = None if ctf is None else ctf[:, None, :]
+            for _ in range(self.s.refine_repeats):
+                cand = R[:, None] @ pattern_moves(step).to(R)[None]  # (B, 7, 3, 3)
+                loss = fit_losses(obs[:, None, :] * shift_phases(k[:, :2], t).conj()[:, None, :], ctf1,
+                                  self._slices(cand, k))
+                R = cand[n, loss.argmin(1)]
+                # a shift error of a fraction of the resolution would mislead the next, finer rotation step
+                t = self._shift_move(obs, ctf1, k, R, t, step * self.s.refine_shift_per_deg)
+        obs, ctf, k = self._subset(data, self._pixels(q_limit, self.s.refine_pixels, generator))
+        ctf1 = None if ctf is None else ctf[:, None, :]
         for step in shift_steps:
-            cand = t[:, None, :] + step * moves[None]  # (B, 5, 2)
-            loss = fit_losses(obs[:, None, :] * shift_phases(k[:, :2], cand).conj(), ctf1, slices)
-            t = cand[torch.arange(len(t)), loss.argmin(1)]
+            t = self._shift_move(obs, ctf1, k, R, t, step)
         return R, t
+
+    def _shift_move(self, obs: torch.Tensor, ctf1: torch.Tensor | None, k: torch.Tensor, R: torch.Tensor,
+                    t: torch.Tensor, step: float) -> torch.Tensor:
+        """One pattern-search move of the origins: ``t`` or ``t ± step`` in x or y, the best fit kept."""
+        moves = torch.tensor([[0.0, 0.0], [1, 0], [-1, 0], [0, 1], [0, -1]])
+        cand = t[:, None, :] + step * moves[None]  # (B, 5, 2)
+        loss = fit_losses(obs[:, None, :] * shift_phases(k[:, :2], cand).conj(), ctf1, self._slices(R, k)[:, None, :])
+        return cand[torch.arange(len(t)), loss.argmin(1)]
 
     def align(self, batch: dict, q_limit: float, search: bool = True, generator: torch.Generator | None = None,
               rot_steps: tuple[float, ...] | None = None, shift_steps: tuple[float, ...] | None = None,
               R0: torch.Tensor | None = None, t0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotation and origin (Å) per image of ``batch`` against the current volume: search, then refinement."""
         t_start = time.perf_counter()
+        data = self._observations(batch)
         if search:
-            obs, ctf, k = self._observations(batch, self._pixels(q_limit, self.s.search_pixels, generator))
-            R, t = self.grid_search(obs, ctf, k)
+            q_search = min(q_limit, 1.0 / self.s.search_q_A)  # a coarse grid sees only low resolution
+            R, t = self.grid_search(*self._subset(data, self._pixels(q_search, self.s.search_pixels, generator)))
         else:
             R, t = R0, t0
         t_mid = time.perf_counter()
-        obs, ctf, k = self._observations(batch, self._pixels(q_limit, self.s.refine_pixels, generator))
-        R, t = self.refine(obs, ctf, k, R, t, self.s.refine_deg if rot_steps is None else rot_steps,
-                           self.s.refine_shift_A if shift_steps is None else shift_steps)
+        R, t = self.refine(data, q_limit, R, t, self.s.refine_deg if rot_steps is None else rot_steps,
+                           self.s.refine_shift_A if shift_steps is None else shift_steps, generator)
         self.timings["search"] += t_mid - t_start
         self.timings["refine"] += time.perf_counter() - t_mid
         return R, t
@@ -235,6 +262,10 @@ class CryoemSearchRecipe:
         factors_batch = {key: v for key, v in batch.items() if key != "shifts_A"} | {"shifts_A": t}
         self.merge.insert(self.imaging, spectrum, R, factors_batch, pixels=self.q <= q_insert)
         self.volume = self.merge.spectrum()
+        fsc = self.merge.half_fsc()
+        below = torch.nonzero(fsc[1:] < 0.5).flatten()
+        shell = (int(below[0]) + 1) if len(below) else len(fsc) - 1
+        self.q_fsc = shell / (self.merge.grid.size * self.imaging.pixel_size_A)
         self.timings["merge"] += time.perf_counter() - t0
 
     # -- training
@@ -245,8 +276,12 @@ class CryoemSearchRecipe:
         R = quaternion_to_matrix(random_quaternions(n, generator=self.gen)).float()
         self.merge_batch(batch, R, torch.zeros(n, 2), self.s.q_limit(0, self.q_nyquist))
 
+    def alignment_limit(self, step: int) -> float:
+        """The schedule's resolution limit, capped at ``fsc_margin`` x where the half-set FSC falls below 0.5."""
+        return min(self.s.q_limit(step, self.q_nyquist), self.s.fsc_margin * self.q_fsc, self.q_nyquist)
+
     def training_step(self, batch: dict, step: int) -> dict:
-        q_limit = self.s.q_limit(step, self.q_nyquist)
+        q_limit = self.alignment_limit(step)
         R, t = self.align(batch, q_limit, generator=self.gen)
         self.merge.decay(1.0 - len(R) / self.s.memory(step))
         self.merge_batch(batch, R, t, min(self.q_nyquist, 1.5 * q_limit))
@@ -255,7 +290,7 @@ class CryoemSearchRecipe:
     @torch.no_grad()
     def infer(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Pose and origin of each image: search and the finer refinement, at the final resolution limit."""
-        q_limit = self.s.q_limit(self.s.steps, self.q_nyquist)
+        q_limit = self.alignment_limit(self.s.steps)
         gen = torch.Generator().manual_seed(1)
         return self.align(batch, q_limit, generator=gen, rot_steps=self.s.infer_refine_deg,
                           shift_steps=self.s.infer_refine_shift_A)
