@@ -22,9 +22,10 @@ from xrai import __version__, structure
 from xrai.cryoem import potential
 from xrai.cryoem import simulate as simulate_cryoem
 from xrai.errors import XraiError
+from xrai.evaluation import cryoem as evaluate_cryoem
 from xrai.evaluation import evaluate
 from xrai.recon import emc, train
-from xrai.report import figures, table
+from xrai.report import cryoem_table, figures, table
 from xrai.xray import density, phasing, simulate
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,9 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "emc": (emc.add_arguments, emc.run, "non-amortized EMC baseline reconstruction"),
     "phase": (phasing.add_arguments, phasing.run, "phase an amplitude volume with ER/HIO + shrinkwrap"),
     "evaluate": (evaluate.add_arguments, evaluate.run, "align, FSC and pose errors -> metrics.json"),
+    "evaluate-cryoem": (evaluate_cryoem.add_arguments, evaluate_cryoem.run,
+                        "cryo-EM: align, FSC (0.5 and 0.143), rotation and shift errors -> metrics.json"),
+    "table-cryoem": (cryoem_table.add_arguments, cryoem_table.run, "cryo-EM tables (cryoPoseNet and cryoAI style)"),
     "table": (table.add_table_arguments, table.run_table, "the paper's Table 1 from metrics.json files"),
     "figures": (figures.add_arguments, figures.run, "figures for the report"),
 }

@@ -66,7 +66,10 @@ def cryoem_outputs():
     """A cryo-EM config's targets: every particle set (RELION STAR + mrcs) and the reference potential."""
     stars = expand(f"{RES}/datasets/{{protein}}/train_{{size}}.star", protein=PROTEINS, size=TRAIN_SIZES)
     stars += expand(f"{RES}/datasets/{{protein}}/test_{TEST_SIZE}.star", protein=PROTEINS)
-    return stars + expand(f"{RES}/reference/{{protein}}/potential.mrc", protein=PROTEINS)
+    outputs = stars + expand(f"{RES}/reference/{{protein}}/potential.mrc", protein=PROTEINS)
+    if METHODS:  # with a train section: reconstructions, metrics and the tables (cryoem_recon.smk)
+        outputs.append(f"{RES}/tables/cryoem_table.md")
+    return outputs
 
 
 def final_outputs():
