@@ -117,7 +117,8 @@ def test_fast_default_finds_poses_far_below_chance(adk_sets, tmp_path):
     cfg = {"train": {"seed": 0, "num_threads": 1,
                      "xrai_cryoem": {"steps": 120, "batch_size": 64, "shift_points": 3,
                                      "max_shift_A": 4.0, "memory_images": [512, 1536], "init_images": 256,
-                                     "q_start_A": 20.0, "ramp_fraction": 0.7, "final_pad": 1}},
+                                     "q_start_A": 20.0, "ramp_fraction": 0.7, "final_pad": 1,
+                                     "encoder": False}},
            "evaluation": {"align_angular_step_deg": 30}}
     run = train_cryoem(cfg, "xrai", 0, adk_sets["train"], adk_sets["test"], tmp_path / "run0")
     metrics = evaluate_cryoem(run_dir=run, reference=adk_sets["reference"], train_data=adk_sets["train"],

@@ -150,6 +150,15 @@ def evaluate_cryoem(*, run_dir: str | Path, reference: str | Path, train_data: s
         logger.info("%s pose error: median %.2f deg, MAE %.2f deg%s", split, pose[split]["median_deg"],
                     pose[split]["mae_deg"], f", shift median {pose[split]['shift_error']['median_A']:.2f} A"
                     if "shift_error" in pose[split] else "")
+    amortized = {}
+    for variant in ("encoder", "encoder_only"):  # the fast default's amortized path, when it wrote it
+        path = run / f"poses_test_{variant}.h5"
+        if path.is_file():
+            poses = read_cryoem_poses(path)
+            with ParticleDataset(test_data) as ds:
+                amortized[variant] = pose_metrics(poses, ds.true_rotations(poses["index"]),
+                                                  ds.true_shifts(poses["index"]), ds.pixel_size_A)
+            logger.info("test pose error (%s): median %.2f deg", variant, amortized[variant]["median_deg"])
     timing = read_json(run / "timing.json") if (run / "timing.json").is_file() else {}
     train_s = train_seconds if train_seconds is not None else timing.get("wall_s")
     return {
@@ -159,6 +168,7 @@ def evaluate_cryoem(*, run_dir: str | Path, reference: str | Path, train_data: s
         "resolution_A": resolution["0.5"]["A"], "resolution_px": resolution["0.5"]["px"], "fsc_cutoff": 0.5,
         "voxel_size_A": ref_voxel, "box": box, "fsc": curve, "alignment": al.as_dict(),
         "pose_error_train": pose["train"], "pose_error_test": pose["test"],
+        "pose_error_test_encoder": amortized.get("encoder"), "pose_error_test_encoder_only": amortized.get("encoder_only"),
         "time_s": {"train": train_s, "total": train_s},
         "provenance": provenance() | {"inputs": {"run_dir": str(run), "reference": str(reference),
                                                  "train_data": str(train_data), "test_data": str(test_data)}},

@@ -36,12 +36,13 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+from torch import nn
 
 from xrai.fourier import sample_fourier
 from xrai.imaging import ImagingModel
-from xrai.recon.abinitio import pattern_moves
+from xrai.recon.abinitio import MultiHeadPoseEncoder, pattern_moves
 from xrai.recon.wiener import WienerMerge
-from xrai.rotations import quaternion_to_matrix, random_quaternions
+from xrai.rotations import quaternion_to_matrix, random_quaternions, sixd_to_matrix
 from xrai.so3grid import nominal_spacing_deg, so3_grid
 
 logger = logging.getLogger(__name__)
@@ -104,6 +105,11 @@ class CryoemSearchSettings:
     q_end_A: float = 0.0
     ramp_fraction: float = 0.6
     final_pad: int = 2
+    encoder: bool = True
+    heads: int = 8
+    encoder_width: int = 16
+    encoder_lr: float = 1e-3
+    infer: str = "search"
 
     @classmethod
     def from_config(cls, cfg: dict) -> CryoemSearchSettings:
@@ -131,6 +137,42 @@ class CryoemSearchSettings:
         return a + (b - a) * min(1.0, step / max(1, self.steps))
 
 
+# --------------------------------------------------------------------------- the amortized encoder
+
+
+class PoseShiftEncoder(MultiHeadPoseEncoder):
+    """The X-ray default's multi-head CNN on standardised cryo-EM images, with a 2D origin (Å) per head.
+
+    ``forward(images)`` -> rotations (B, K, 3, 3) and origins (B, K, 2); trained by winner-takes-all
+    distillation of the search's targets (:func:`pose_shift_distillation`).
+    """
+
+    def __init__(self, image_shape: tuple[int, int], heads: int = 8, width: int = 16, shift_scale_A: float = 4.0,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__(image_shape, heads=heads, width=width, generator=generator)
+        self.shift_scale_A = float(shift_scale_A)
+        self.shift = nn.Linear(256, 2 * self.heads)
+        nn.init.zeros_(self.shift.weight)
+        nn.init.zeros_(self.shift.bias)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images - images.mean(dim=(-2, -1), keepdim=True)
+        x = (x / x.std(dim=(-2, -1), keepdim=True).clamp_min(1e-12)).unsqueeze(1)
+        feat = self.mlp(self.features(x))
+        R = sixd_to_matrix(self.out(feat).reshape(len(images), self.heads, 6))
+        return R, self.shift_scale_A * self.shift(feat).reshape(len(images), self.heads, 2)
+
+
+def pose_shift_distillation(R_heads: torch.Tensor, t_heads: torch.Tensor, R_target: torch.Tensor,
+                            t_target: torch.Tensor, shift_scale_A: float) -> torch.Tensor:
+    """Squared Frobenius distance of the closest head to the target pose, plus its origin error in ``shift_scale_A``."""
+    d = ((R_heads - R_target[:, None]) ** 2).sum(dim=(-1, -2))
+    win = d.argmin(dim=1)
+    n = torch.arange(len(win))
+    shift = ((t_heads[n, win] - t_target) ** 2).sum(-1) / shift_scale_A**2
+    return (d[n, win] + shift).mean()
+
+
 # --------------------------------------------------------------------------- the search recipe
 
 
@@ -153,7 +195,10 @@ class CryoemSearchRecipe:
         q = imaging.pixel_coordinates.norm(dim=-1)
         self.q = q
         self.q_nyquist = 0.5 / imaging.pixel_size_A
-        self.timings: dict[str, float] = {"search": 0.0, "refine": 0.0, "merge": 0.0}
+        self.timings: dict[str, float] = {"search": 0.0, "refine": 0.0, "merge": 0.0, "encoder": 0.0}
+        self.encoder = PoseShiftEncoder(imaging.image_shape, heads=self.s.heads, width=self.s.encoder_width,
+                                        shift_scale_A=max(self.s.max_shift_A / 2, 1.0), generator=self.gen)
+        self.optimizer = torch.optim.Adam(self.encoder.parameters(), lr=self.s.encoder_lr)
 
     # -- pieces
     def _pixels(self, q_limit: float, count: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -285,11 +330,47 @@ class CryoemSearchRecipe:
         R, t = self.align(batch, q_limit, generator=self.gen)
         self.merge.decay(1.0 - len(R) / self.s.memory(step))
         self.merge_batch(batch, R, t, min(self.q_nyquist, 1.5 * q_limit))
-        return {"q_limit_A": 1.0 / q_limit}
+        info = {"q_limit_A": 1.0 / q_limit}
+        if self.s.encoder:
+            info["encoder_loss"] = self.distil(batch, R, t)
+        return info
+
+    def distil(self, batch: dict, R: torch.Tensor, t: torch.Tensor) -> float:
+        """One Adam step of the encoder towards the batch's search targets (winner-takes-all)."""
+        t0 = time.perf_counter()
+        self.encoder.train()
+        with torch.enable_grad():
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = pose_shift_distillation(*self.encoder(batch["images"].float()), R, t.float(),
+                                           self.encoder.shift_scale_A)
+            loss.backward()
+            self.optimizer.step()
+        self.timings["encoder"] += time.perf_counter() - t0
+        return float(loss)
+
+    @torch.no_grad()
+    def encoder_poses(self, batch: dict, refine: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Amortized inference: the best-fitting head (one encoder pass), then the bounded refinement."""
+        self.encoder.eval()
+        R_heads, t_heads = self.encoder(batch["images"].float())
+        q_limit = self.alignment_limit(self.s.steps)
+        gen = torch.Generator().manual_seed(1)
+        data = self._observations(batch)
+        obs, ctf, k = self._subset(data, self._pixels(q_limit, self.s.refine_pixels, gen))
+        unshifted = obs[:, None, :] * shift_phases(k[:, :2], t_heads).conj()
+        loss = fit_losses(unshifted, None if ctf is None else ctf[:, None, :], self._slices(R_heads, k))
+        n = torch.arange(len(R_heads))
+        R, t = R_heads[n, loss.argmin(1)], t_heads[n, loss.argmin(1)]
+        if refine:
+            R, t = self.refine(data, q_limit, R, t, self.s.infer_refine_deg, self.s.infer_refine_shift_A, gen)
+        return R, t
 
     @torch.no_grad()
     def infer(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pose and origin of each image: search and the finer refinement, at the final resolution limit."""
+        """Pose and origin of each image at the final resolution limit: ``infer: search`` (grid search and the
+        finer refinement) or ``infer: encoder`` (one encoder pass, then the same refinement)."""
+        if self.s.infer == "encoder":
+            return self.encoder_poses(batch)
         q_limit = self.alignment_limit(self.s.steps)
         gen = torch.Generator().manual_seed(1)
         return self.align(batch, q_limit, generator=gen, rot_steps=self.s.infer_refine_deg,

@@ -60,6 +60,17 @@ def _true_poses(dataset: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.concatenate(R), np.concatenate(t), np.concatenate(idx)
 
 
+def _infer_all(dataset: Any, infer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``infer(batch) -> (R, origins)`` over a whole dataset in order: rotations, origins, index."""
+    R, t, idx = [], [], []
+    for batch in dataset.iter_batches(256, shuffle=False):
+        r, sh = infer(batch)
+        R.append(r.numpy())
+        t.append(sh.numpy())
+        idx.append(batch["index"].numpy())
+    return np.concatenate(R), np.concatenate(t), np.concatenate(idx)
+
+
 def known_pose_volume(dataset: Any, imaging: CentralSliceImaging, batch_size: int = 256,
                       poses: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[torch.Tensor, WienerMerge]:
     """Wiener reconstruction ``[x, y, z]`` from the dataset's true (or the given) poses and origins, streamed."""
@@ -130,20 +141,24 @@ def train_cryoem(cfg: dict, method: str, run: int, train_data: str | Path, test_
         train_s = time.perf_counter() - t0
         poses = {}
         for name, ds in (("train", train_ds), ("test", test_ds)):
-            R, t, idx = [], [], []
-            for batch in ds.iter_batches(256, shuffle=False):
-                r, sh = recipe.infer(batch)
-                R.append(r.numpy())
-                t.append(sh.numpy())
-                idx.append(batch["index"].numpy())
-            poses[name] = (np.concatenate(R), np.concatenate(t), np.concatenate(idx))
-            _write_poses(out / f"poses_{name}.h5", *poses[name], "search", attrs | {"dataset": ds.path})
+            poses[name] = _infer_all(ds, recipe.infer)
+            _write_poses(out / f"poses_{name}.h5", *poses[name], s.infer, attrs | {"dataset": ds.path})
         infer_s = time.perf_counter() - t0 - train_s
+        encoder_s = None
+        if s.encoder:  # the amortized path on the held-out images, measured beside the poses above
+            t1 = time.perf_counter()
+            _write_poses(out / "poses_test_encoder.h5", *_infer_all(test_ds, recipe.encoder_poses), "encoder",
+                         attrs | {"dataset": test_ds.path})
+            encoder_s = time.perf_counter() - t1
+            _write_poses(out / "poses_test_encoder_only.h5",
+                         *_infer_all(test_ds, lambda b: recipe.encoder_poses(b, refine=False)), "encoder",
+                         attrs | {"dataset": test_ds.path})
+            t0 += time.perf_counter() - t1  # not part of this method's time
         order = np.argsort(poses["train"][2])
         final = (poses["train"][0][order], poses["train"][1][order])
         volume, merge = known_pose_volume(train_ds, CentralSliceImaging.for_dataset(train_ds, pad=s.final_pad),
                                           poses=final)
-        rows.append({"step": s.steps, "train_s": train_s, "infer_s": infer_s,
+        rows.append({"step": s.steps, "train_s": train_s, "infer_s": infer_s, "infer_encoder_test_s": encoder_s,
                      "final_merge_s": time.perf_counter() - t0 - train_s - infer_s})
     wall = time.perf_counter() - t0
     write_mrc(out / "volume.mrc", volume.numpy(), train_ds.pixel_size_A)
