@@ -20,7 +20,13 @@ import yaml
 from xrai.cli import main
 from xrai.config import cryoem_config, load_config, validate_config
 from xrai.cryoem.ctf import CtfParams, ctf_rfft, fourier_filter
-from xrai.cryoem.noise import add_gaussian_noise, electron_wavelength_A, image_rng, noise_sigma, snr_db
+from xrai.cryoem.noise import (
+    add_gaussian_noise,
+    electron_wavelength_A,
+    image_rng,
+    noise_sigma,
+    snr_db,
+)
 from xrai.cryoem.potential import MOTT_BETHE_V_A2, potential_from_file, potential_from_structure
 from xrai.cryoem.projection import FourierProjector, project_real_space
 from xrai.cryoem.simulate import image_parameters, noise_free_images
