@@ -270,6 +270,20 @@ def test_star_and_stacks_round_trip_resume_and_prefix(tmp_path, pdb_mirror):
     assert starfile.read(test)["particles"]["rlnAngleRot"].tolist() != parts["rlnAngleRot"][:100].tolist()
 
 
+def test_independent_relion_reconstruction_reaches_the_potential(tmp_path, pdb_mirror):
+    """Acceptance: tests/relion_reference.py (no xrai code) reconstructs the set at its stated poses, shifts, CTF."""
+    from relion_reference import fsc_against_volume
+
+    cfg = _cryoem_cfg(tmp_path, snr_db=None, ctf=True, shift_sigma_A=6.0)
+    cif = pdb_mirror / "4ake.pdb"
+    out = tmp_path / "train_600.star"
+    assert _simulate(cfg, cif, 600, out) == 0
+    ref = tmp_path / "potential.mrc"
+    assert main(["potential", "--config", str(cfg), "--protein", "4AKE", "--structure", str(cif), "--out", str(ref)]) == 0
+    curve, low = fsc_against_volume(out, ref)
+    assert low >= 0.8, curve
+
+
 def test_noisy_float16_set_without_ctf(tmp_path, pdb_mirror):
     import json
 
