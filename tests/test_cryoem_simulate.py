@@ -20,7 +20,13 @@ import yaml
 from xrai.cli import main
 from xrai.config import cryoem_config, load_config, validate_config
 from xrai.cryoem.ctf import CtfParams, ctf_rfft, fourier_filter
-from xrai.cryoem.noise import add_gaussian_noise, electron_wavelength_A, image_rng, noise_sigma, snr_db
+from xrai.cryoem.noise import (
+    add_gaussian_noise,
+    electron_wavelength_A,
+    image_rng,
+    noise_sigma,
+    snr_db,
+)
 from xrai.cryoem.potential import MOTT_BETHE_V_A2, potential_from_file, potential_from_structure
 from xrai.cryoem.projection import FourierProjector, project_real_space
 from xrai.cryoem.simulate import image_parameters, noise_free_images
@@ -117,9 +123,14 @@ def test_potential_is_centred_indexed_zyx_and_in_volts():
     assert MOTT_BETHE_V_A2 == pytest.approx(47.878, rel=1e-4)
 
 
-def test_box_too_small_names_the_key_and_sizes(pdb_mirror):
+def test_box_too_small_names_the_key_and_sizes(pdb_mirror, tmp_path, capsys):
     with pytest.raises(XraiError, match=r"cryoem\.box_size.*needs box_size >= \d+.*cryoem\.pixel_size_A >="):
         potential_from_file(pdb_mirror / "4ake.pdb", box_size=32, pixel_size=1.0, bfactor=20.0)
+    cfg = _cryoem_cfg(tmp_path, pixel_size_A=1.0)  # 32 px x 1 A for a molecule of radius 37 A
+    code = main(["potential", "--config", str(cfg), "--structure", str(pdb_mirror / "4ake.pdb"),
+                 "--out", str(tmp_path / "p.mrc")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "cryoem.box_size" in err[0] and not (tmp_path / "p.mrc").exists()
 
 
 def test_protein_is_white_without_ctf_and_noise(pdb_mirror):
@@ -179,6 +190,18 @@ def test_snr_definition():
         noisy = add_gaussian_noise(signal, sigma, [image_rng(0, 0, 1, i) for i in range(64)])
         assert snr_db(signal, noisy - signal) == pytest.approx(target, abs=0.1)
         assert sigma**2 == pytest.approx(var / 10 ** (target / 10))
+
+
+def test_shot_noise_is_poisson_around_the_image():
+    from xrai.cryoem.noise import add_shot_noise, interaction_constant
+
+    sigma_e = interaction_constant(300.0)
+    assert sigma_e == pytest.approx(6.53e-4, rel=0.01)  # Kirkland: 0.000653 rad/(V A) at 300 kV
+    image = torch.full((8, 64, 64), 50.0)  # V A: contrast 2 sigma_e P = 6.5 %
+    noisy = add_shot_noise(image, 40.0, 1.0, 300.0, [image_rng(0, 0, 2, i) for i in range(8)]).double()
+    expected_var = 40.0 * (1 - 2 * sigma_e * 50.0) / (40.0 * 2 * sigma_e) ** 2
+    assert float(noisy.mean()) == pytest.approx(50.0, abs=3 * math.sqrt(expected_var / noisy.numel()))
+    assert float(noisy.var()) == pytest.approx(expected_var, rel=0.05)
 
 
 # --------------------------------------------------------------------------- datasets through the CLI
@@ -245,6 +268,20 @@ def test_star_and_stacks_round_trip_resume_and_prefix(tmp_path, pdb_mirror):
     test = tmp_path / "ds" / "test_100.star"
     assert _simulate(cfg, cif, 100, test, split="test") == 0
     assert starfile.read(test)["particles"]["rlnAngleRot"].tolist() != parts["rlnAngleRot"][:100].tolist()
+
+
+def test_independent_relion_reconstruction_reaches_the_potential(tmp_path, pdb_mirror):
+    """Acceptance: tests/relion_reference.py (no xrai code) reconstructs the set at its stated poses, shifts, CTF."""
+    from relion_reference import fsc_against_volume
+
+    cfg = _cryoem_cfg(tmp_path, snr_db=None, ctf=True, shift_sigma_A=6.0)
+    cif = pdb_mirror / "4ake.pdb"
+    out = tmp_path / "train_600.star"
+    assert _simulate(cfg, cif, 600, out) == 0
+    ref = tmp_path / "potential.mrc"
+    assert main(["potential", "--config", str(cfg), "--protein", "4AKE", "--structure", str(cif), "--out", str(ref)]) == 0
+    curve, low = fsc_against_volume(out, ref)
+    assert low >= 0.8, curve
 
 
 def test_noisy_float16_set_without_ctf(tmp_path, pdb_mirror):

@@ -41,6 +41,9 @@ class FourierProjector:
     division by sinc² for trilinear interpolation, centred rfft), done once.
     """
 
+    #: images per call of the slice extraction (bounds its memory whatever the batch size)
+    CHUNK = 32
+
     def __init__(self, volume: torch.Tensor, pad_factor: float = 2.0) -> None:
         self.size = _check_cube(volume)
         if pad_factor < 1:
@@ -58,7 +61,10 @@ class FourierProjector:
 
     def project(self, A: torch.Tensor) -> torch.Tensor:
         """Projections ``(B, N, N)`` float32 of ``V(A^T r)`` along z for RELION matrices ``A`` (B, 3, 3)."""
-        slices = extract_central_slices_rfft_3d(self.dft, A.transpose(-1, -2).to(self.dft.device, torch.float32))
+        M = A.transpose(-1, -2).to(self.dft.device, torch.float32).reshape(-1, 3, 3)
+        # in chunks: the slice coordinates and masks take ~3 KB per padded pixel row, per image
+        slices = torch.cat([extract_central_slices_rfft_3d(self.dft, M[i:i + self.CHUNK])
+                            for i in range(0, len(M), self.CHUNK)]).reshape(*A.shape[:-2], *self.dft.shape[-2:])
         slices = torch.fft.ifftshift(slices, dim=(-2,))
         images = torch.fft.fftshift(torch.fft.irfftn(slices, dim=(-2, -1), s=self.padded_shape[-2:]), dim=(-2, -1))
         if self.pad:

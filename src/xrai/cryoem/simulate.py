@@ -62,6 +62,7 @@ logger = logging.getLogger(__name__)
 SNR_CALIBRATION_IMAGES = 512
 _SPLIT_TAG = {"train": 0, "test": 0x7E57}
 _PARAMS_STREAM, _GAUSS_STREAM, _SHOT_STREAM = 11, 12, 13
+_STAR_CHUNK = 65536
 
 
 def image_parameters(em: dict, seed: int, split: str, start: int, stop: int, pixel_size: float) -> dict:
@@ -167,7 +168,7 @@ def simulate_cryoem_dataset(cfg: dict, structure: str | Path, split: str, n_imag
     volume = potential_from_file(structure, box, px, float(em["bfactor"]))
     projector = FourierProjector(torch.from_numpy(volume).to(device), float(em["pad_factor"]))
     sigma = None
-    if em["snr_db"] is not None and n_todo:
+    if em["snr_db"] is not None:
         sigma = calibrate_noise_sigma(projector, em, cfg, px, batch)
     t_setup = time.perf_counter() - t0
     logger.info("%s: potential %d^3 at %.3f A/px, noise sd %s, set up in %.1f s on %s", structure.name, box, px,
@@ -193,7 +194,9 @@ def simulate_cryoem_dataset(cfg: dict, structure: str | Path, split: str, n_imag
                 _log_progress(out, done, done - (e - s), n_todo, t1)
     seconds = time.perf_counter() - t1
 
-    params = image_parameters(em, seed, split, 0, n_images, px)
+    chunks = [image_parameters(em, seed, split, s, min(s + _STAR_CHUNK, n_images), px)
+              for s in range(0, n_images, _STAR_CHUNK)]  # in chunks: no (N, 3, 3) matrices for the whole set
+    params = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
     particles = _particle_table(params, ranges, [f"{stack_dir.name}/{f.name}" for f in stacks], em["ctf"])
     optics = {"rlnOpticsGroupName": "opticsGroup1", "rlnOpticsGroup": 1, "rlnVoltage": float(em["voltage_kv"]),
               "rlnSphericalAberration": float(em["cs_mm"]), "rlnAmplitudeContrast": float(em["amplitude_contrast"]),
