@@ -133,8 +133,8 @@ def train_cryoem(cfg: dict, method: str, run: int, train_data: str | Path, test_
                     wall = time.perf_counter() - t0
                     rows.append({"step": step, "epoch": epoch, "wall_s": wall, **info,
                                  **{f"{k}_s": v for k, v in recipe.timings.items()}})
-                    logger.info("step %d/%d: resolution limit %.1f A, %.0f s (search %.0f, refine %.0f, merge %.0f)",
-                                step, s.steps, info["q_limit_A"], wall, *recipe.timings.values())
+                    logger.info("step %d/%d: resolution limit %.1f A, %.0f s (%s)", step, s.steps, info["q_limit_A"],
+                                wall, ", ".join(f"{k} {v:.0f}" for k, v in recipe.timings.items()))
                 if step >= s.steps:
                     break
             epoch += 1
