@@ -115,6 +115,12 @@ def _check_consistency(cfg: dict) -> None:
     methods = [m["name"] for m in cfg["train"]["methods"]]
     if len(set(methods)) != len(methods):
         raise XraiError(f"config key 'train.methods': a method is listed twice: {methods}")
+    if sim["storage"] == "sparse" and not sim["poisson_noise"]:
+        raise XraiError("config key 'simulation.storage': sparse storage holds integer photon counts; "
+                        "it needs 'simulation.poisson_noise: true'")
+    radii = [r for r, _ in sim["background"]["radial"]]
+    if radii != sorted(radii):
+        raise XraiError(f"config key 'simulation.background.radial': radii must increase, got {radii}")
     tr = cfg["train"]
     if tr["eval_images"] > sim["test_size"]:
         raise XraiError(
