@@ -60,6 +60,8 @@ REQUIRED_KEYS = ("images", "orientations", "pixel_position_reciprocal")
 #: The group of sparse photon counts (stored instead of ``images``) and its datasets.
 SPARSE_GROUP = "photons"
 SPARSE_KEYS = ("one_pixels", "one_offsets", "multi_pixels", "multi_counts", "multi_offsets")
+#: Entries per HDF5 chunk of the sparse lists (32 KB: small sets stay small, large ones few chunks).
+SPARSE_CHUNK = 8192
 #: Rows per read when the file does not say (no chunks, no ``chunk_rows`` attribute).
 DEFAULT_BLOCK_ROWS = 256
 #: Target size of one sequential read.
@@ -480,7 +482,7 @@ class DatasetWriter:
             group.attrs["layout"] = ("Dragonfly emc: flat pixel index (row * W + col) of one-photon pixels and of "
                                      "multi-photon pixels with their counts; image i is [offsets[i], offsets[i+1])")
             for key, kind in (("one_pixels", "int32"), ("multi_pixels", "int32"), ("multi_counts", "int32")):
-                group.create_dataset(key, shape=(0,), maxshape=(None,), dtype=kind, chunks=(65536,), **comp)
+                group.create_dataset(key, shape=(0,), maxshape=(None,), dtype=kind, chunks=(SPARSE_CHUNK,), **comp)
             for key in ("one_offsets", "multi_offsets"):
                 group.create_dataset(key, shape=(self.n_images + 1,), dtype="int64", fillvalue=0)
             self._sparse_next = 0  # next image row: sparse batches are appended in order

@@ -56,7 +56,12 @@ from xrai.io import atomic_path, provenance
 from xrai.rotations import random_quaternions
 from xrai.utils import pick_device, resource_usage, set_cpu_threads
 from xrai.xray.geometry import Beam, Detector
-from xrai.xray.photons import PhotonSettings, dataset_factor_and_photons, jitter_factors, resolve_storage
+from xrai.xray.photons import (
+    PhotonSettings,
+    dataset_factor_and_photons,
+    jitter_factors,
+    resolve_storage,
+)
 from xrai.xray.scattering import PatternSimulator, centred_positions, molecule_centre
 
 logger = logging.getLogger(__name__)
