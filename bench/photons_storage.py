@@ -91,8 +91,8 @@ def main() -> None:
             if row["pixels"] == base["detector"]["n_pixels"]:
                 plan.append((row["photons"], n_total * row["sparse_bytes_per_image"], n_total * row["dense_bytes_per_image"]))
 
-    print(f"\n| detector | photons per pattern (measured, beam stop) | dense float32 B/image | sparse B/image "
-          f"| dense / sparse | shuffled read, images/s dense / sparse | sparse write images/s |")
+    print("\n| detector | photons per pattern (measured, beam stop) | dense float32 B/image | sparse B/image "
+          "| dense / sparse | shuffled read, images/s dense / sparse | sparse write images/s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         label = f"true fluence ({r['measured_photons_per_image']})" if r["photons"] == "fluence" else \

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from xrai.config import validate_config
+from xrai.data import open_dataset
 from xrai.data.cxi import CxiDataset, is_cxi, write_cxi
 from xrai.data.hdf5 import DatasetWriter, DiffractionDataset
 from xrai.errors import XraiError
@@ -233,8 +234,8 @@ def test_cxi_round_trip_and_bad_files(tmp_path, test_config, chain_a_cif):
     ds = DiffractionDataset(tmp_path / "t.h5")
     write_cxi(ds, tmp_path / "t.cxi")
     assert is_cxi(tmp_path / "t.cxi") and not is_cxi(tmp_path / "t.h5")
-    cxi = CxiDataset(tmp_path / "t.cxi")
-    assert len(cxi) == 300 and cxi.image_shape == (32, 32)
+    cxi = open_dataset(tmp_path / "t.cxi")
+    assert isinstance(cxi, CxiDataset) and len(cxi) == 300 and cxi.image_shape == (32, 32)
     a, b = ds.read(0, 300), cxi.read(0, 300)
     assert torch.equal(a["images"], b["images"]) and torch.equal(a["orientations"], b["orientations"])
     assert "scale" not in b
