@@ -3,8 +3,9 @@
 For 2CEX chain A (``config.yaml``'s beam: 4.6 keV, 10^12 photons per pulse, 0.5 um focus) at
 32 and 128 px, Poisson counts with a 2-pixel beam stop, at the beam's true fluence (~12 photons
 per pattern) and at fixed means of 50, 200, 2,000 and 20,000 photons: the same images written
-dense (float32) and sparse (``simulation.storage: sparse``), the bytes per image of each, their
-ratio, and the rate of a shuffled pass of ``DiffractionDataset.iter_batches`` over each (the
+dense (float32) and sparse (``simulation.storage: sparse``), the bytes per image of each (marginal:
+from the sizes of a set and of its first half, so the per-file metadata does not count), their
+ratio, the simulation rate (Poisson draw and writing included), and the rate of a shuffled pass of ``DiffractionDataset.iter_batches`` over each (the
 images read back are checked equal). Then the disk plan of ``config.yaml`` with sparse storage
 at each photon count, from the measured bytes per image.
 
@@ -70,19 +71,21 @@ def main() -> None:
                 sizes, rates, sums = {}, {}, {}
                 for storage in ("dense", "sparse"):
                     cfg["simulation"]["storage"] = storage
-                    out = tmp / f"{n_px}_{photons}_{storage}.h5"
+                    out, half = tmp / f"{n_px}_{photons}_{storage}.h5", tmp / "half.h5"
                     summary = simulate_dataset(cfg, cif, "train", args.images, out)
-                    sizes[storage] = out.stat().st_size
+                    simulate_dataset(cfg, cif, "train", args.images // 2, half)  # a prefix of the same images
+                    sizes[storage] = (out.stat().st_size - half.stat().st_size) / (args.images - args.images // 2)
                     rates[storage], sums[storage] = read_pass_rate(out)
                     rates[storage + "_write"] = summary["images_per_s"]
                     out.unlink()
+                    half.unlink()
                 assert torch.equal(sums["dense"], sums["sparse"]), "sparse and dense read back differently"
                 mean_photons = float(sums["dense"].sum()) / args.images
                 row = {"pixels": n_px, "photons": photons, "measured_photons_per_image": round(mean_photons, 1),
-                       "dense_bytes_per_image": sizes["dense"] / args.images,
-                       "sparse_bytes_per_image": sizes["sparse"] / args.images,
+                       "dense_bytes_per_image": sizes["dense"], "sparse_bytes_per_image": sizes["sparse"],
                        "ratio": sizes["dense"] / sizes["sparse"], "dense_read_per_s": rates["dense"],
-                       "sparse_read_per_s": rates["sparse"], "sparse_write_per_s": rates["sparse_write"]}
+                       "sparse_read_per_s": rates["sparse"], "dense_simulate_per_s": rates["dense_write"],
+                       "sparse_simulate_per_s": rates["sparse_write"]}
                 rows.append(row)
                 print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
         sim = base["simulation"]
@@ -92,14 +95,14 @@ def main() -> None:
                 plan.append((row["photons"], n_total * row["sparse_bytes_per_image"], n_total * row["dense_bytes_per_image"]))
 
     print("\n| detector | photons per pattern (measured, beam stop) | dense float32 B/image | sparse B/image "
-          "| dense / sparse | shuffled read, images/s dense / sparse | sparse write images/s |")
+          "| dense / sparse | shuffled read, images/s dense / sparse | simulated, images/s dense / sparse |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         label = f"true fluence ({r['measured_photons_per_image']})" if r["photons"] == "fluence" else \
             f"{r['photons']} ({r['measured_photons_per_image']})"
         print(f"| {r['pixels']}x{r['pixels']} | {label} | {r['dense_bytes_per_image']:.0f} | "
               f"{r['sparse_bytes_per_image']:.0f} | {r['ratio']:.0f}x | {r['dense_read_per_s']:.0f} / "
-              f"{r['sparse_read_per_s']:.0f} | {r['sparse_write_per_s']:.0f} |")
+              f"{r['sparse_read_per_s']:.0f} | {r['dense_simulate_per_s']:.0f} / {r['sparse_simulate_per_s']:.0f} |")
     print(f"\nconfig.yaml per protein ({n_total} images: train {sim['train_sizes']}, test {sim['test_size']}):")
     print("| photons per pattern | sparse | dense float32 |")
     print("|---|---:|---:|")

@@ -161,6 +161,8 @@ def test_sparse_round_trip_is_bit_identical_and_small(tmp_path, test_config, cha
     simulate_dataset(_cfg(test_config, storage="auto", **common), chain_a_cif, "train", 300, tmp_path / "a.h5")
     dense, sparse = DiffractionDataset(tmp_path / "d.h5"), DiffractionDataset(tmp_path / "s.h5")
     assert sparse.sparse and not dense.sparse and DiffractionDataset(tmp_path / "a.h5").sparse  # ~0.01 photons/pixel
+    simulate_dataset(_cfg(test_config, storage="auto", poisson_noise=True), chain_a_cif, "train", 50, tmp_path / "b.h5")
+    assert not DiffractionDataset(tmp_path / "b.h5").sparse  # 20,000 photons over 1,024 pixels: dense
     for key, value in dense.read(0, 1000).items():
         assert torch.equal(sparse.read(0, 1000)[key], value), key
     assert torch.equal(sparse.read(17, 401)["images"], dense.read(17, 401)["images"])

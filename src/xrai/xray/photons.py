@@ -41,8 +41,9 @@ logger = logging.getLogger(__name__)
 MODES = ("min_total", "fluence", "mean_photons")
 #: SO(3) grid level (576 orientations) over which ``mean_photons`` is calibrated.
 CALIBRATION_LEVEL = 1
-#: ``storage: auto`` chooses sparse below this many expected photons per pixel.
-SPARSE_PHOTONS_PER_PIXEL = 0.25
+#: ``storage: auto`` chooses sparse below this many expected photons per pixel (there 3x smaller
+#: than float32, docs/benchmarks.md; break-even near 10).
+SPARSE_PHOTONS_PER_PIXEL = 1.0
 
 
 def pixel_radius_px(detector: Detector) -> torch.Tensor:
