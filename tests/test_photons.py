@@ -19,7 +19,7 @@ from xrai.errors import XraiError
 from xrai.xray.geometry import Beam, Detector
 from xrai.xray.photons import detector_mask, jitter_factors, pixel_radius_px
 from xrai.xray.scattering import PatternSimulator, centred_positions
-from xrai.xray.simulate import _image_seeds, orientations_for, simulate_dataset
+from xrai.xray.simulate import _image_seeds, dataset_bytes, orientations_for, simulate_dataset
 
 #: sha256 of images, orientations, scale, q, polarization, solid angle of 64 train images of
 #: config/test.yaml (CPU, batch 32), noise-free and Poisson, made by xrai at commit 1a0db35,
@@ -175,6 +175,16 @@ def test_sparse_round_trip_is_bit_identical_and_small(tmp_path, test_config, cha
     assert ratio > 10, ratio  # ~12 photons over 1,024 pixels; 128 px images gain ~16x more
     with pytest.raises(XraiError, match="needs 'simulation.poisson_noise: true'"):
         _cfg(test_config, storage="sparse")
+
+
+def test_sparse_disk_plan_is_a_bound(tmp_path, test_config, chain_a_cif):
+    cfg = _cfg(test_config, poisson_noise=True, storage="sparse", background={"uniform": 0.01},
+               photon_scaling={"mode": "mean_photons", "mean_photons": 100})
+    per_image = dataset_bytes(cfg, 2000) - dataset_bytes(cfg, 1000)
+    assert per_image == pytest.approx(1000 * (4 * (100 + 0.01 * 1024) + 52), abs=1000)  # 4 B per photon + fixed rows
+    assert dataset_bytes({**cfg, "simulation": {**cfg["simulation"], "storage": "dense"}}, 1000) > 5 * dataset_bytes(cfg, 1000)
+    simulate_dataset(cfg, chain_a_cif, "train", 500, tmp_path / "s.h5")
+    assert (tmp_path / "s.h5").stat().st_size <= dataset_bytes(cfg, 500)
 
 
 def test_sparse_shards_resume(tmp_path, test_config, chain_a_cif):

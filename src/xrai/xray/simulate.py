@@ -185,7 +185,10 @@ def disk_plan_table(cfg: dict) -> str:
     proteins = list(protein_entries(cfg))
     plan = planned_bytes(cfg)
     n = cfg["detector"]["n_pixels"]
-    lines = [f"| dataset ({n}x{n} px, {cfg['simulation'].get('dtype', 'float32')}) | bytes | size |", "|---|---:|---:|"]
+    sim = cfg["simulation"]
+    storage = sim.get("storage", "dense")
+    kind = sim.get("dtype", "float32") if storage == "dense" else f"{storage} storage; dense bound unless mean_photons"
+    lines = [f"| dataset ({n}x{n} px, {kind}) | bytes | size |", "|---|---:|---:|"]
     lines += [f"| {name}.h5 | {b} | {_human(b)} |" for name, b in plan.items()]
     total = sum(plan.values())
     lines.append(f"| per protein | {total} | {_human(total)} |")
