@@ -83,6 +83,12 @@ def test_fluence_and_mean_photons_modes(tmp_path, test_config, chain_a_cif, simu
     assert torch.allclose(data["images"][:8], simulator.patterns(orientations_for(0, "train", 0, 8)), rtol=1e-6)
     mean = float(data["images"].double().sum(dim=(1, 2)).mean())
     assert 9 < mean < 15, mean  # the issue: median ~12 photons (x1,694 to reach 20,000)
+    # the paper's mode scales exactly these patterns to 20,000 photons
+    simulate_dataset(_cfg(test_config), chain_a_cif, "train", 1000, tmp_path / "p.h5")
+    paper_scale = DiffractionDataset(tmp_path / "p.h5").read(0, 1000)["scale"].double()
+    totals = data["images"].double().sum(dim=(1, 2))
+    assert torch.allclose(paper_scale * totals, torch.full_like(totals, 20000.0), rtol=1e-5)
+    assert float(paper_scale.median()) == pytest.approx(1694, rel=0.02)
     assert ds.attrs["scaling"]["expected_photons_per_pattern"] == pytest.approx(mean, rel=0.05)
     # a fixed mean: one factor for the whole set, the mean total over orientations hits the target
     simulate_dataset(_cfg(test_config, photon_scaling={"mode": "mean_photons", "mean_photons": 2000}), chain_a_cif,
