@@ -119,7 +119,7 @@ _RESUME_KEYS = ("levels", "level_iterations", "beta_start", "beta_factor", "beta
 
 @dataclass
 class EMCSettings:
-    """The ``emc`` section of the config (see ``workflow/schemas/config.schema.yaml``)."""
+    """The ``emc`` section of the config (see ``src/xrai/schemas/config.schema.yaml``)."""
 
     n_iterations: int = 30
     levels: list[int] = field(default_factory=lambda: [1, 2, 3])
