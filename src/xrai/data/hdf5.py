@@ -13,7 +13,10 @@ HDF5 files written by other tools with the same keys (e.g. skopi scripts):
   pixels are 0); :attr:`DiffractionDataset.mask` is all True without it.
 
 Everything is checked when the file is opened (clear :class:`~xrai.errors.XraiError`
-naming the file); NaN / inf images are reported with the index range of the batch.
+naming the file), including a sample of the images (:func:`check_photon_totals`: not all
+zero, not constant, totals as the stored ``scale`` implies); NaN / inf images are reported
+with the index range of the batch. :meth:`DiffractionDataset.fingerprint` identifies the
+contents (checkpoints record it).
 
 Order of a pass (:meth:`DiffractionDataset.iter_batches`):
 
@@ -53,11 +56,75 @@ REQUIRED_KEYS = ("images", "orientations", "pixel_position_reciprocal")
 DEFAULT_BLOCK_ROWS = 256
 #: Target size of one sequential read.
 SEQUENTIAL_READ_MB = 64.0
+#: images read at open from each end of the file for :func:`check_photon_totals` and the fingerprint
+SAMPLE_IMAGES = 4
+#: Poisson tolerance of the photon totals, in standard deviations
+TOTAL_SIGMAS = 6.0
+#: relative tolerance of the photon totals (float16 storage rounds each pixel by up to 2^-11)
+TOTAL_RTOL = 1e-2
 
 
 def _shuffle_generator(seed: int, epoch: int) -> torch.Generator:
     # a distinct, reproducible stream for every (seed, epoch)
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch) * 7_919 + 12_345) % (2**63 - 1))
+
+
+def _totals_checkable(attrs: dict) -> float | None:
+    """``simulation.min_total_intensity`` of a file whose photon totals follow from it, else None.
+
+    Files from other tools (no ``scaling``), and files whose images carry more than the scaled
+    patterns (a background, a fluence jitter, another scaling mode) are not checked.
+    """
+    scaling = attrs.get("scaling")
+    if not isinstance(scaling, dict) or "min_total_intensity" not in scaling:
+        return None
+    if scaling.get("mode") not in (None, "min_total"):
+        return None
+    for key, value in {**attrs, **scaling}.items():
+        if ("background" in key or "jitter" in key) and value not in (None, False, 0, 0.0, "none", {}, []):
+            return None
+    return float(scaling["min_total_intensity"])
+
+
+def check_photon_totals(path: str | os.PathLike, images: np.ndarray, scale: np.ndarray | None, attrs: dict,
+                        *, all_pixels: bool = True, index: np.ndarray | None = None) -> None:
+    """Refuse sampled ``images`` that cannot be what the file says (XraiError naming ``path``).
+
+    * all zero, or one constant value: no diffraction pattern (e.g. overwritten);
+    * with the simulator's scaling (``attrs['scaling']``) and a per-image ``scale``: an image
+      scaled up (``scale > 1``) holds ``min_total_intensity`` photons, one left alone at least
+      that many, within the Poisson error (``TOTAL_SIGMAS`` sigma) when noise is on. Skipped
+      for files without ``scale``, with a background or jitter, or a mask (``all_pixels`` False).
+
+    ``index`` gives the sampled images' positions in the file (for the message).
+
+    >>> check_photon_totals("x.h5", np.zeros((2, 4, 4)), None, {})
+    Traceback (most recent call last):
+    xrai.errors.XraiError: x.h5: every image checked (2, from both ends of the file) is all zero; ...
+    """
+    imgs = np.asarray(images, dtype=np.float64)
+    n = len(imgs)
+    if not imgs.any():
+        raise XraiError(f"{path}: every image checked ({n}, from both ends of the file) is all zero; "
+                        "the dataset holds no photons (overwritten or never filled?)")
+    if (imgs == imgs.flat[0]).all():
+        raise XraiError(f"{path}: every image checked ({n}, from both ends of the file) has the one constant value "
+                        f"{imgs.flat[0]:g}; that is no diffraction pattern (overwritten or corrupt?)")
+    min_total = _totals_checkable(attrs)
+    if min_total is None or scale is None or not all_pixels:
+        return
+    noise = isinstance(attrs.get("scaling"), dict) and bool(attrs["scaling"].get("poisson_noise", False))
+    tol = TOTAL_RTOL * min_total + (TOTAL_SIGMAS * np.sqrt(min_total) if noise else 0.0)
+    totals = imgs.sum(axis=(1, 2))
+    index = np.arange(n) if index is None else np.asarray(index)
+    for i, total, s in zip(index, totals, np.asarray(scale, dtype=np.float64), strict=True):
+        scaled_up = s > 1.0 + 1e-6
+        if total < min_total - tol or (scaled_up and total > min_total + tol):
+            implied = f"{min_total:g}" if scaled_up else f"at least {min_total:g}"
+            raise XraiError(
+                f"{path}: image {int(i)} holds {total:.6g} photons where its scale {s:.6g} and the file's "
+                f"min_total_intensity imply {implied} (tolerance {tol:.3g}); the images do not match the "
+                "file's scale and geometry (overwritten or corrupt?)")
 
 
 class DiffractionDataset:
@@ -170,6 +237,40 @@ class DiffractionDataset:
                 raise self._err("'mask' excludes every pixel")
         else:
             self.mask = torch.ones((int(h), int(w)), dtype=torch.bool)
+        self._sample = self._sample_rows()
+        check_photon_totals(self.path, self._sample["images"], self._sample.get("scale"), self.attrs,
+                            all_pixels=bool(self.mask.all()), index=self._sample["index"])
+
+    def _sample_rows(self) -> dict[str, np.ndarray]:
+        """The first and last :data:`SAMPLE_IMAGES` images (with orientations, scale, index): two chunks at most."""
+        k = min(SAMPLE_IMAGES, self.n_images)
+        sample = self._read_rows(0, k)
+        index = np.arange(k)
+        tail = max(k, self.n_images - k)
+        if tail < self.n_images:
+            last = self._read_rows(tail, self.n_images)
+            sample = {key: np.concatenate([sample[key], last[key]]) for key in sample}
+            index = np.r_[index, np.arange(tail, self.n_images)]
+        sample["index"] = index
+        return sample
+
+    def fingerprint(self) -> str:
+        """sha256 of what identifies the contents: shapes, dtype, attributes (less provenance) and the
+        first and last images with their orientations and scales. A re-simulated or edited file differs.
+
+        >>> DiffractionDataset("train_2048.h5").fingerprint()[:12]       # doctest: +SKIP
+        '3f1c0e9a72b4'
+        """
+        import hashlib
+
+        attrs = {k: v for k, v in self.attrs.items() if k != "provenance"}
+        head = json.dumps({"n": self.n_images, "shape": self.image_shape, "dtype": str(self.image_dtype),
+                           "attrs": attrs}, sort_keys=True, default=str)
+        digest = hashlib.sha256(head.encode())
+        for key in sorted(self._sample):
+            digest.update(key.encode())
+            digest.update(np.ascontiguousarray(self._sample[key]).tobytes())
+        return digest.hexdigest()
 
     def _check_virtual_sources(self, dset) -> None:
         # h5py silently fills a missing shard with zeros: refuse instead
