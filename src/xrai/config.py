@@ -190,10 +190,12 @@ def read_yaml(path: str | os.PathLike) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        problem = " ".join(str(x) for x in (exc.context, exc.problem) if x)
+        mark, context = exc.problem_mark or exc.context_mark, exc.context_mark
         where = _where(p, mark.line + 1, mark.column + 1) if mark is not None else str(p)
-        raise XraiError(f"{where}: not valid YAML ({problem})") from None
+        started = ""
+        if exc.context and context is not None and context is not mark:
+            started = f"{exc.context} started at line {context.line + 1}, column {context.column + 1}: "
+        raise XraiError(f"{where}: not valid YAML ({started}{exc.problem or exc.context})") from None
     except yaml.YAMLError as exc:
         raise XraiError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
 
