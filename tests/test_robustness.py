@@ -41,7 +41,7 @@ def _edited_copy(src: Path, dest: Path, images=None, drop_scale: bool = False, a
     return dest
 
 
-def test_zeroed_constant_or_rescaled_images_are_refused(test_scale_data, tmp_path):
+def test_zeroed_constant_or_rescaled_images_are_refused_noisy_ones_pass(test_scale_data, tmp_path):
     from xrai.data.hdf5 import DiffractionDataset
 
     src = test_scale_data["train"]
@@ -64,9 +64,7 @@ def test_zeroed_constant_or_rescaled_images_are_refused(test_scale_data, tmp_pat
     DiffractionDataset(_edited_copy(src, tmp_path / "bg.h5", lambda x: x + 50.0 / x[0].size,
                                     attrs={"scaling": background}))
 
-
-def test_poisson_noise_passes_the_photon_totals(test_scale_data, tmp_path):
-    from xrai.data.hdf5 import DiffractionDataset
+    # Poisson noise stays within the tolerance of the totals; the same file zeroed does not pass
     from xrai.xray.simulate import simulate_dataset
 
     cfg = copy.deepcopy(test_scale_data["cfg"])
@@ -77,6 +75,8 @@ def test_poisson_noise_passes_the_photon_totals(test_scale_data, tmp_path):
         totals = f["images"][...].sum(axis=(1, 2))
     assert np.abs(totals - 2000).max() > 5  # the noise is there...
     DiffractionDataset(out)  # ...and within the Poisson tolerance
+    with pytest.raises(XraiError, match="all zero"):
+        DiffractionDataset(_edited_copy(out, tmp_path / "noisy_zeros.h5", np.zeros_like))
 
 
 # --------------------------------------------------------------------------- checkpoints

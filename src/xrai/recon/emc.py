@@ -696,8 +696,7 @@ def run_emc(
     from xrai.recon.train import (
         StopRequest,
         TrainingInterrupted,
-        checkpoint_mismatch,
-        load_checkpoint,
+        resumable_checkpoint,
         rng_state,
         save_checkpoint,
         set_rng_state,
@@ -740,11 +739,7 @@ def run_emc(
     converged = False
     best = torch.zeros(n_train, dtype=torch.int64)
     best_level = settings.level_at(0)
-    state = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
-    why = checkpoint_mismatch(state["info"], info, _CHECKPOINT_KEYS) if state is not None else None
-    if why is not None:
-        logger.warning("%s: %s; starting afresh", ckpt_path, why)
-        state = None
+    state = resumable_checkpoint(ckpt_path, info, _CHECKPOINT_KEYS)
     if state is not None:
         emc.load_state_dict(state["model"])
         set_rng_state(state["rng"])

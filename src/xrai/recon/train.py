@@ -179,6 +179,19 @@ def checkpoint_mismatch(saved: dict, current: dict, keys: tuple[str, ...]) -> st
     return None
 
 
+def resumable_checkpoint(path: Path, info: dict, keys: tuple[str, ...]) -> dict | None:
+    """The checkpoint at ``path`` if this run (``info``) may resume from it; None (with one log line
+    saying why) when it was written for another config or dataset, or there is none."""
+    if not path.exists():
+        return None
+    state = load_checkpoint(path)
+    why = checkpoint_mismatch(state["info"], info, keys)
+    if why is not None:
+        logger.warning("%s: %s; starting afresh", path, why)
+        return None
+    return state
+
+
 def load_checkpoint(path: Path) -> dict:
     """Read a checkpoint written by :func:`save_checkpoint` (our own file: full unpickling)."""
     try:
@@ -420,11 +433,7 @@ def train(
     rows: list[dict] = []
     wall_before = 0.0
     window = None
-    state = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
-    why = checkpoint_mismatch(state["info"], info, RESUME_KEYS) if state is not None else None
-    if why is not None:
-        logger.warning("%s: %s; starting afresh", ckpt_path, why)
-        state = None
+    state = resumable_checkpoint(ckpt_path, info, RESUME_KEYS)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
