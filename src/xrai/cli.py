@@ -28,35 +28,35 @@ from xrai.xray import density, phasing, simulate
 
 logger = logging.getLogger(__name__)
 
-D = "results/datasets/2CEX_A"
-R = "results/reconstructions/2CEX_A/2048"
+_DATA = "results/datasets/2CEX_A"  # paths of the examples
+_RUNS = "results/reconstructions/2CEX_A/2048"
 #: subcommand -> (add_arguments, run, help, the one-line example ending its --help)
 COMMANDS: dict[str, tuple[Callable, Callable, str, str]] = {
     "fetch": (structure.add_arguments, structure.run, "fetch a PDB entry, select chains, write mmCIF + summary",
               "xrai fetch --config config/test.yaml --protein 2CEX_A --out results/structures/2CEX_A.cif"),
     "simulate": (simulate.add_arguments, simulate.run, "simulate an SPI diffraction dataset to HDF5",
                  "xrai simulate --config config/test.yaml --structure results/structures/2CEX_A.cif "
-                 f"--split train --n-images 2048 --out {D}/train_2048.h5"),
+                 f"--split train --n-images 2048 --out {_DATA}/train_2048.h5"),
     "reference": (density.add_arguments, density.run, "reference electron density and true intensity volume",
                   "xrai reference --config config/test.yaml --structure results/structures/2CEX_A.cif "
                   "--density results/reference/2CEX_A/density.mrc --intensity results/reference/2CEX_A/intensity.h5"),
     "train": (train.add_arguments, train.run, "train a reconstruction (X-RAI, paper recipe, known poses)",
-              f"xrai train --config config/test.yaml --method xrai --run 0 --train-data {D}/train_2048.h5 "
-              f"--test-data {D}/test_512.h5 --out-dir {R}/xrai/run0"),
+              f"xrai train --config config/test.yaml --method xrai --run 0 --train-data {_DATA}/train_2048.h5 "
+              f"--test-data {_DATA}/test_512.h5 --out-dir {_RUNS}/xrai/run0"),
     "select-best": (train.add_select_arguments, train.run_select, "pick the best of several runs by train pose error",
-                    f"xrai select-best --run-dirs {R}/xrai/run0 {R}/xrai/run1 --out {R}/xrai/best.json"),
+                    f"xrai select-best --run-dirs {_RUNS}/xrai/run0 {_RUNS}/xrai/run1 --out {_RUNS}/xrai/best.json"),
     "emc": (emc.add_arguments, emc.run, "non-amortized EMC baseline reconstruction",
-            f"xrai emc --config config/test.yaml --train-data {D}/train_2048.h5 --test-data {D}/test_512.h5 "
-            f"--out-dir {R}/emc/run0"),
+            f"xrai emc --config config/test.yaml --train-data {_DATA}/train_2048.h5 --test-data {_DATA}/test_512.h5 "
+            f"--out-dir {_RUNS}/emc/run0"),
     "phase": (phasing.add_arguments, phasing.run, "phase an amplitude volume with ER/HIO + shrinkwrap",
-              f"xrai phase --config config/test.yaml --best {R}/xrai/best.json "
+              f"xrai phase --config config/test.yaml --best {_RUNS}/xrai/best.json "
               "--out results/phased/2CEX_A/2048/xrai/density.mrc --history results/phased/2CEX_A/2048/xrai/phasing.json"),
     "evaluate": (evaluate.add_arguments, evaluate.run, "align, FSC and pose errors -> metrics.json",
                  "xrai evaluate --config config/test.yaml --protein 2CEX_A --size 2048 --method xrai "
-                 f"--density results/phased/2CEX_A/2048/xrai/density.mrc --best {R}/xrai/best.json "
+                 f"--density results/phased/2CEX_A/2048/xrai/density.mrc --best {_RUNS}/xrai/best.json "
                  "--reference results/reference/2CEX_A/density.mrc "
                  "--reference-intensity results/reference/2CEX_A/intensity.h5 "
-                 f"--train-data {D}/train_2048.h5 --test-data {D}/test_512.h5 "
+                 f"--train-data {_DATA}/train_2048.h5 --test-data {_DATA}/test_512.h5 "
                  "--out results/metrics/2CEX_A/2048/xrai/metrics.json"),
     "table": (table.add_table_arguments, table.run_table, "the paper's Table 1 from metrics.json files",
               "xrai table --metrics results/metrics/*/*/*/metrics.json --csv table1.csv --md table1.md "
