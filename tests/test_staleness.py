@@ -96,12 +96,19 @@ def test_simulation_edit_reruns_datasets_not_structure_or_reference(finished):
     assert _rerun_after(finished, edit) == {"simulate"} | _chain(*METHODS)
 
 
-def test_train_steps_rerun_training_of_methods_without_their_own_steps(finished):
+def test_train_steps_rerun_training_of_methods_without_their_own_steps_threads_nothing(finished):
     def edit(cfg):
         cfg["train"]["steps"] = 400
 
     # xrai-known-pose sets its own steps (32) and emc does not train by steps
     assert _rerun_after(finished, edit) == _chain("xrai", "known-pose")
+
+    def how_it_runs(cfg):  # keys that say how training runs, not what it computes
+        cfg["train"]["num_threads"] = 1
+        cfg["train"]["checkpoint_every"] = 50
+        cfg["resources"]["train"]["mem_mb"] = 8000
+
+    assert _rerun_after(finished, how_it_runs) == set()
 
 
 def test_one_methods_override_reruns_only_that_method(finished):
@@ -130,12 +137,3 @@ def test_evaluation_edit_reruns_evaluation_and_report(finished):
         cfg["evaluation"]["fsc_cutoff"] = 0.143
 
     assert _rerun_after(finished, edit) == {f"evaluate/{m}" for m in METHODS} | REPORT
-
-
-def test_execution_keys_rerun_nothing(finished):
-    def edit(cfg):
-        cfg["train"]["num_threads"] = 1
-        cfg["train"]["checkpoint_every"] = 50
-        cfg["resources"]["train"]["mem_mb"] = 8000
-
-    assert _rerun_after(finished, edit) == set()
