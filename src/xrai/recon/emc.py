@@ -115,11 +115,13 @@ _POINTS_PER_CALL = 1 << 22
 #: settings a resumed run must share with its checkpoint
 _RESUME_KEYS = ("levels", "level_iterations", "beta_start", "beta_factor", "beta_every", "beta_max",
                 "likelihood", "per_image_scale", "seed")
+#: what a checkpoint must share with the run that resumes it (else the run starts afresh)
+_CHECKPOINT_KEYS = ("method", "seed", "n_train", "likelihood", "settings", "config", "train_fingerprint")
 
 
 @dataclass
 class EMCSettings:
-    """The ``emc`` section of the config (see ``workflow/schemas/config.schema.yaml``)."""
+    """The ``emc`` section of the config (see ``src/xrai/schemas/config.schema.yaml``)."""
 
     n_iterations: int = 30
     levels: list[int] = field(default_factory=lambda: [1, 2, 3])
@@ -688,12 +690,13 @@ def run_emc(
     iteration. On SIGTERM / SIGINT the run stops after the current iteration's checkpoint
     and raises :class:`xrai.recon.train.TrainingInterrupted`; rerunning resumes.
     """
+    from xrai.config import config_values
     from xrai.data.hdf5 import DiffractionDataset
     from xrai.io import provenance, write_json, write_run_metadata
     from xrai.recon.train import (
         StopRequest,
         TrainingInterrupted,
-        load_checkpoint,
+        resumable_checkpoint,
         rng_state,
         save_checkpoint,
         set_rng_state,
@@ -728,19 +731,16 @@ def run_emc(
     info = {"method": "emc", "run": int(run), "seed": seed, "n_train": n_train, "likelihood": likelihood,
             "train_data": str(Path(train_data).resolve()),
             # what changes the result; n_iterations, tolerance, chunk size and device may change on resume
-            "settings": {k: v for k, v in asdict(settings).items() if k in _RESUME_KEYS}}
+            "settings": {k: v for k, v in asdict(settings).items() if k in _RESUME_KEYS},
+            "config": config_values(cfg, ("detector", "beam", "volume")), "train_fingerprint": train_ds.fingerprint()}
     rows: list[dict] = []
     wall_before = 0.0
     iteration = 0
     converged = False
     best = torch.zeros(n_train, dtype=torch.int64)
     best_level = settings.level_at(0)
-    if ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        for key in ("method", "seed", "n_train", "likelihood", "settings"):
-            if state["info"].get(key) != info[key]:
-                raise XraiError(f"{ckpt_path}: written for {key}={state['info'].get(key)!r}, this run has "
-                                f"{info[key]!r}; delete the checkpoint (or use another --out-dir) to start afresh")
+    state = resumable_checkpoint(ckpt_path, info, _CHECKPOINT_KEYS)
+    if state is not None:
         emc.load_state_dict(state["model"])
         set_rng_state(state["rng"])
         iteration, rows, wall_before = int(state["iteration"]), list(state["metrics"]), float(state["wall_s"])

@@ -61,6 +61,10 @@ from xrai.xray.imaging import EwaldImaging
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+#: config keys a training run's result depends on (the rule train's params name the same ones)
+TRAINING_CONFIG_KEYS = ("detector", "beam", "volume", "train")
+#: what a checkpoint must share with the run that resumes it (else the run starts afresh)
+RESUME_KEYS = ("method", "seed", "n_train", "batch_size", "config", "train_fingerprint", "test_fingerprint")
 #: columns of metrics.csv; the test_* ones are filled every train.eval_every steps
 METRIC_COLUMNS = (
     "step", "epoch", "loss", "lr", "images_per_s", "rss_mb", "wall_s",
@@ -136,11 +140,56 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write a checkpoint atomically (a kill during the write leaves the previous one intact)."""
+    """Write a checkpoint atomically (a kill during the write leaves the previous one intact).
+
+    Through a Python file, so a full disk surfaces as its OSError (one line from atomic_path).
+    """
     from xrai.io import atomic_path
 
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(state, fh)
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in _differences(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))]
+    return [] if old == new else [f"{prefix} {old!r} -> {new!r}"]
+
+
+def checkpoint_mismatch(saved: dict, current: dict, keys: tuple[str, ...]) -> str | None:
+    """Why a checkpoint's ``info`` (``saved``) does not fit this run's (``current``), or None if it does.
+
+    >>> checkpoint_mismatch({"config": {"train": {"steps": 300}}}, {"config": {"train": {"steps": 400}}}, ("config",))
+    'written with other config values (train.steps 300 -> 400)'
+    """
+    for key in keys:
+        old, new = saved.get(key), current.get(key)
+        if old == new:
+            continue
+        if old is None:
+            return f"written by an older xrai that did not record '{key}'"
+        if key == "config":
+            diffs = _differences(old, new)
+            more = f", and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+            return f"written with other config values ({', '.join(diffs[:3])}{more})"
+        if key.endswith("_fingerprint"):
+            return f"written for another {key.removesuffix('_fingerprint')} dataset (its contents differ)"
+        return f"written for {key}={old!r}, this run has {new!r}"
+    return None
+
+
+def resumable_checkpoint(path: Path, info: dict, keys: tuple[str, ...]) -> dict | None:
+    """The checkpoint at ``path`` if this run (``info``) may resume from it; None (with one log line
+    saying why) when it was written for another config or dataset, or there is none."""
+    if not path.exists():
+        return None
+    state = load_checkpoint(path)
+    why = checkpoint_mismatch(state["info"], info, keys)
+    if why is not None:
+        logger.warning("%s: %s; starting afresh", path, why)
+        return None
+    return state
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -347,10 +396,11 @@ def train(
     a signal half-way). On SIGTERM / SIGINT the checkpoint is written and
     :class:`TrainingInterrupted` (a ``SystemExit``) is raised.
     """
-    from xrai.config import method_config
+    from xrai.config import config_values, method_config, step_config
     from xrai.io import provenance, write_run_metadata
     from xrai.utils import pick_device, resource_usage, seed_everything, set_cpu_threads
 
+    run_config = config_values(step_config(cfg, method=method), TRAINING_CONFIG_KEYS)
     cfg = method_config(cfg, method)
     tcfg = cfg["train"]
     out = Path(out_dir)
@@ -378,16 +428,13 @@ def train(
 
     ckpt_path = out / "checkpoint.pt"
     info = {"method": method, "run": int(run), "seed": seed, "train_data": str(Path(train_data).resolve()),
-            "n_train": len(train_ds), "batch_size": batch_size}
+            "n_train": len(train_ds), "batch_size": batch_size, "config": run_config,
+            "train_fingerprint": train_ds.fingerprint(), "test_fingerprint": test_ds.fingerprint()}
     rows: list[dict] = []
     wall_before = 0.0
     window = None
-    if ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        for key in ("method", "seed", "n_train", "batch_size"):
-            if state["info"].get(key) != info[key]:
-                raise XraiError(f"{ckpt_path}: written for {key}={state['info'].get(key)!r}, this run has "
-                                f"{info[key]!r}; delete the checkpoint (or use another --out-dir) to start afresh")
+    state = resumable_checkpoint(ckpt_path, info, RESUME_KEYS)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         recipe.load_state_dict(state["recipe"])

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from xrai import __version__
+from xrai.config import split_seed
 from xrai.data.hdf5 import DatasetWriter, write_sharded_master
 from xrai.errors import XraiError
 from xrai.io import atomic_path, provenance
@@ -81,16 +82,6 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return z ^ (z >> np.uint64(31))
-
-
-def split_seed(cfg: dict, split: str) -> int:
-    """The seed of a split: ``simulation.seed`` (train) or ``simulation.test_seed`` (test)."""
-    sim = cfg["simulation"]
-    if split == "train":
-        return int(sim["seed"])
-    if split == "test":
-        return int(sim["test_seed"])
-    raise XraiError(f"split must be 'train' or 'test', got {split!r}")
 
 
 def _stream_base(seed: int, split: str, stream: int) -> int:
