@@ -19,6 +19,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from xrai import __version__, structure
+from xrai.cryoem import potential
+from xrai.cryoem import simulate as simulate_cryoem
 from xrai.errors import XraiError
 from xrai.evaluation import evaluate
 from xrai.io import write_failure
@@ -37,6 +39,13 @@ COMMANDS: dict[str, tuple[Callable, Callable, str, str]] = {
     "simulate": (simulate.add_arguments, simulate.run, "simulate an SPI diffraction dataset to HDF5",
                  "xrai simulate --config config/test.yaml --structure results/structures/2CEX_A.cif "
                  f"--split train --n-images 2048 --out {_DATA}/train_2048.h5"),
+    "simulate-cryoem": (simulate_cryoem.add_arguments, simulate_cryoem.run,
+                        "simulate a cryo-EM particle set to RELION STAR + mrcs",
+                        "xrai simulate-cryoem --config config/cryoem-test.yaml --structure results/structures/4AKE.cif "
+                        "--protein 4AKE --split train --n-images 2048 --out results/datasets/4AKE/train_2048.star"),
+    "potential": (potential.add_arguments, potential.run, "cryo-EM reference potential (MRC) from the atoms",
+                  "xrai potential --config config/cryoem-test.yaml --structure results/structures/4AKE.cif "
+                  "--protein 4AKE --out results/reference/4AKE/potential.mrc"),
     "reference": (density.add_arguments, density.run, "reference electron density and true intensity volume",
                   "xrai reference --config config/test.yaml --structure results/structures/2CEX_A.cif "
                   "--density results/reference/2CEX_A/density.mrc --intensity results/reference/2CEX_A/intensity.h5"),

@@ -136,6 +136,8 @@ def _check_consistency(cfg: dict) -> None:
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise ConfigKeyError(f"config key 'proteins': duplicate protein names {sorted(dup)}", ("proteins",))
+    if "train" not in cfg:  # a cryo-EM config may stop at the datasets
+        return
     methods = [m["name"] for m in cfg["train"]["methods"]]
     if len(set(methods)) != len(methods):
         raise ConfigKeyError(f"config key 'train.methods': a method is listed twice: {methods}", ("train", "methods"))
@@ -263,9 +265,29 @@ def protein_entries(cfg: dict) -> dict[str, dict]:
     return dict(_protein_list(cfg))
 
 
+def modality(cfg: dict) -> str:
+    """The imaging modality of a config: ``'xray'`` (the default, key absent) or ``'cryoem'``."""
+    return str(cfg.get("modality", "xray"))
+
+
+def cryoem_config(cfg: dict, protein: str | None = None) -> dict:
+    """The ``cryoem`` section for ``protein``: the config's section with that protein's ``cryoem`` overrides.
+
+    ``proteins: [{name: 4AKE_G, pdb: 4AKE, cryoem: {snr_db: 0, ctf: true}}]`` simulates 4AKE at 0 dB with
+    a CTF whatever the top-level ``cryoem`` section says. Raises XraiError for a non-cryo-EM config.
+    """
+    if modality(cfg) != "cryoem" or "cryoem" not in cfg:
+        raise XraiError("config key 'modality' must be 'cryoem' (with a 'cryoem' section) for this step")
+    out = copy.deepcopy(cfg["cryoem"])
+    entry = protein_entries(cfg).get(protein, {}) if protein else {}
+    for key, value in entry.get("cryoem", {}).items():
+        out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
+    return out
+
+
 def method_runs(cfg: dict) -> dict[str, int]:
-    """``{method: number of independent runs}`` from ``train.methods``."""
-    return {m["name"]: int(m.get("runs", 1)) for m in cfg["train"]["methods"]}
+    """``{method: number of independent runs}`` from ``train.methods`` (none without a ``train`` section)."""
+    return {m["name"]: int(m.get("runs", 1)) for m in cfg.get("train", {}).get("methods", [])}
 
 
 def method_config(cfg: dict, method: str) -> dict:

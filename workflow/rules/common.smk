@@ -8,6 +8,7 @@ from xrai.config import (  # noqa: E402
     config_hash,
     locate_error,
     method_runs,
+    modality,
     protein_entries,
     size_label,
     step_config,
@@ -95,7 +96,16 @@ def run_outputs(wildcards):
     ]
 
 
+def cryoem_outputs():
+    """A cryo-EM config's targets: every particle set (RELION STAR + mrcs) and the reference potential."""
+    stars = expand(f"{RES}/datasets/{{protein}}/train_{{size}}.star", protein=PROTEINS, size=TRAIN_SIZES)
+    stars += expand(f"{RES}/datasets/{{protein}}/test_{TEST_SIZE}.star", protein=PROTEINS)
+    return stars + expand(f"{RES}/reference/{{protein}}/potential.mrc", protein=PROTEINS)
+
+
 def final_outputs():
+    if modality(config) == "cryoem":  # training on cryo-EM data is the next step
+        return cryoem_outputs()
     metrics = expand(
         f"{RES}/metrics/{{protein}}/{{size}}/{{method}}/metrics.json",
         protein=PROTEINS,
