@@ -34,16 +34,20 @@ SCALE_IMAGES = 1024
 
 
 class Batch:
-    """One batch on the training device: ``amplitude`` (B, H, W) = sqrt(I), true rotations (B, 3, 3), ``index``.
+    """One batch on the training device: ``amplitude`` (B, H, W) = sqrt(I), ``counts`` (B, H, W) the images
+    as recorded, true rotations (B, 3, 3), ``index``.
 
-    ``I`` is the recorded image divided by the per-image ``scale`` the simulator applied
-    to reach its minimum total intensity (when the file stores it), so that every image
-    is a slice of one and the same intensity volume.
+    Gaussian likelihood (noise-free data): ``I`` is the recorded image divided by the
+    per-image ``scale`` the simulator applied to reach its minimum total intensity (when the
+    file stores it), so that every image is a slice of one and the same intensity volume.
+    Poisson likelihood (``poisson=True``): nothing is divided, ``I`` = the counts; the
+    recipe estimates each image's fluence itself (:mod:`xrai.recon.likelihood`).
     """
 
-    def __init__(self, raw: dict[str, torch.Tensor], device: torch.device) -> None:
-        images = raw["images"].to(device, non_blocking=True)
-        if "scale" in raw:
+    def __init__(self, raw: dict[str, torch.Tensor], device: torch.device, poisson: bool = False) -> None:
+        self.counts = raw["images"].to(device, non_blocking=True)
+        images = self.counts
+        if "scale" in raw and not poisson:
             images = images / raw["scale"].to(device)[:, None, None]
         self.amplitude = images.clamp_min(0).sqrt()
         self.rotations = quaternion_to_matrix(raw["orientations"].to(device).double()).float()
@@ -72,6 +76,28 @@ class Recipe:
     def __init__(self, cfg: dict) -> None:
         self.cfg = cfg
         self.tcfg = cfg["train"]
+        #: ``poisson`` or ``gaussian`` (``train.likelihood`` resolved by :meth:`configure`)
+        self.likelihood = "gaussian"
+        #: (H, W) bool: pixels that enter losses, merges and scores; (H, W) expected background photons
+        self.mask: torch.Tensor | None = None
+        self.background: torch.Tensor | None = None
+
+    def configure(self, dataset: Any) -> None:
+        """Before :meth:`build_model`: the likelihood (``train.likelihood``, ``auto`` from the dataset),
+        the dataset's pixel mask and background."""
+        from xrai.recon.likelihood import resolve_likelihood
+
+        self.likelihood = resolve_likelihood(str(self.tcfg.get("likelihood", "auto")), dataset)
+        shape = tuple(dataset.image_shape)
+        self.mask = getattr(dataset, "mask", torch.ones(shape, dtype=torch.bool)).bool()
+        self.background = getattr(dataset, "background", torch.zeros(shape)).float()
+        logger.info("%s: %s likelihood, %d of %d pixels unmasked, background %.3g photons per image",
+                    self.name, self.likelihood, int(self.mask.sum()), self.mask.numel(),
+                    float(self.background[self.mask].sum()))
+
+    def batch(self, raw: dict[str, torch.Tensor], device: torch.device) -> Batch:
+        """A :class:`Batch` for this recipe's likelihood."""
+        return Batch(raw, device, poisson=self.likelihood == "poisson")
 
     # -- model
     def build_decoder(self, q_max: float) -> FourierNet:
@@ -100,7 +126,7 @@ class Recipe:
     def prepare(self, model: Autoencoder, dataset: Any, device: torch.device) -> None:
         """Data-dependent set-up before step 0: the decoder's output unit = the data's mean amplitude."""
         raw = dataset.read(0, min(len(dataset), SCALE_IMAGES))
-        amp = Batch(raw, device).amplitude
+        amp = self.batch(raw, device).amplitude
         model.decoder.scale.fill_(float(amp.mean().clamp_min(1e-12)))
         logger.info("decoder output unit: mean amplitude %.4g (from %d images)", float(model.decoder.scale), len(amp))
 

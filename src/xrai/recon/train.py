@@ -205,11 +205,12 @@ def _fmt_time(seconds: float) -> str:
 # --------------------------------------------------------------------------- evaluation and outputs
 
 
-def _batches_of(dataset: Any, batch_size: int, device: torch.device, stop: int | None = None) -> Iterator[Batch]:
+def _batches_of(recipe: Recipe, dataset: Any, batch_size: int, device: torch.device,
+                stop: int | None = None) -> Iterator[Batch]:
     """Sequential batches of ``dataset`` (the first ``stop`` images if given)."""
     n = len(dataset) if stop is None else min(stop, len(dataset))
     for start in range(0, n, batch_size):
-        yield Batch(dataset.read(start, min(start + batch_size, n)), device)
+        yield recipe.batch(dataset.read(start, min(start + batch_size, n)), device)
 
 
 @torch.no_grad()
@@ -223,7 +224,8 @@ def evaluate_poses(recipe: Recipe, model: Autoencoder, batches: list[Batch]) -> 
         outs = [recipe.infer(model, b) for b in batches]
     finally:
         model.train(was_training)
-    scale2 = float(model.decoder.scale) ** 2
+    # Gaussian: in normalised units (amplitude / scale)^2; Poisson: negative log-likelihood per pixel
+    scale2 = float(model.decoder.scale) ** 2 if recipe.likelihood == "gaussian" else 1.0
     row: dict[str, Any] = {"test_loss": float(torch.cat([o.per_image for o in outs]).mean()) / scale2}
     if recipe.learns_poses:
         R_pred = torch.cat([o.rotations for o in outs]).double().cpu()
@@ -254,7 +256,7 @@ def write_poses(path: Path, recipe: Recipe, model: Autoencoder, dataset: Any, ba
             rot = f.create_dataset("rotations", (n, 3, 3), dtype="f4", chunks=(min(n, 4096), 3, 3))
             branch = f.create_dataset("branch", (n,), dtype="i1")
             index = f.create_dataset("index", (n,), dtype="i8")
-            for b in _batches_of(dataset, batch_size, device):
+            for b in _batches_of(recipe, dataset, batch_size, device):
                 lo, hi = int(b.index[0]), int(b.index[-1]) + 1
                 if recipe.learns_poses:
                     out = recipe.infer(model, b)
@@ -369,6 +371,7 @@ def train(
                 method, run, seed, total, batch_size, device, threads, train_ds.path, len(train_ds),
                 test_ds.path, len(test_ds))
 
+    recipe.configure(train_ds)
     seed_everything(seed)
     model = recipe.build_model(imaging_model(cfg, train_ds)).to(device)
     optimizer = recipe.build_optimizer(model)
@@ -378,14 +381,14 @@ def train(
 
     ckpt_path = out / "checkpoint.pt"
     info = {"method": method, "run": int(run), "seed": seed, "train_data": str(Path(train_data).resolve()),
-            "n_train": len(train_ds), "batch_size": batch_size}
+            "n_train": len(train_ds), "batch_size": batch_size, "likelihood": recipe.likelihood}
     rows: list[dict] = []
     wall_before = 0.0
     window = None
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
-        for key in ("method", "seed", "n_train", "batch_size"):
-            if state["info"].get(key) != info[key]:
+        for key in ("method", "seed", "n_train", "batch_size", "likelihood"):
+            if state["info"].get(key, "gaussian" if key == "likelihood" else None) != info[key]:
                 raise XraiError(f"{ckpt_path}: written for {key}={state['info'].get(key)!r}, this run has "
                                 f"{info[key]!r}; delete the checkpoint (or use another --out-dir) to start afresh")
         model.load_state_dict(state["model"])
@@ -411,7 +414,7 @@ def train(
             "window": {"losses": loss_window, "images": n_window}, "train_config": tcfg,
         })
 
-    eval_batches = list(_batches_of(test_ds, batch_size, device, stop=int(tcfg["eval_images"])))
+    eval_batches = list(_batches_of(recipe, test_ds, batch_size, device, stop=int(tcfg["eval_images"])))
     log_every, eval_every = int(tcfg["log_every"]), int(tcfg["eval_every"])
     ckpt_every = int(tcfg["checkpoint_every"])
     stop = StopRequest()
@@ -425,7 +428,7 @@ def train(
     try:
         with stop.installed():
             while step < total and stop.signum is None:
-                batch = Batch(stream.next(), device)
+                batch = recipe.batch(stream.next(), device)
                 stats = recipe.training_step(model, optimizer, batch, step)
                 step += 1
                 n_window += len(batch)
@@ -466,7 +469,8 @@ def train(
     # ---- outputs, written once at the end (each atomically)
     logger.info("training done at step %d (%.1f min); writing outputs to %s", step, wall / 60, out)
     prov = provenance(None, seed) | {"method": method, "run": int(run), "steps": step, "train_data": info["train_data"],
-                                      "test_data": str(Path(test_data).resolve()), "wall_s": wall}
+                                      "test_data": str(Path(test_data).resolve()), "wall_s": wall,
+                                      "likelihood": recipe.likelihood}
     attrs = {"method": method, "run": int(run), "step": step, "seed": seed}
     write_poses(out / "poses_test.h5", recipe, model, test_ds, batch_size, device,
                 attrs | {"dataset": str(Path(test_data).resolve())})
