@@ -19,13 +19,10 @@ HDF5 files written by other tools with the same keys (e.g. skopi scripts):
 Everything is checked when the file is opened (clear :class:`~xrai.errors.XraiError`
 naming the file); NaN / inf images are reported with the index range of the batch.
 
-Order of a pass (:meth:`DiffractionDataset.iter_batches`):
-
-* sequential: contiguous blocks of whole HDF5 chunks, read once in file order;
-* shuffled: the order of the blocks is shuffled, consecutive blocks are gathered into
-  a bounded window (``shuffle_buffer_mb``) and shuffled within it. The order is a pure
-  function of ``(seed, epoch)``, memory stays flat whatever the dataset size, and
-  ``skip`` batches are skipped without reading them (resume after a checkpoint).
+Order of a pass (:meth:`DiffractionDataset.iter_batches`, from :class:`xrai.data.batching.BlockDataset`):
+blocks are whole HDF5 chunks; sequential passes read them once in file order, shuffled
+passes shuffle blocks, then rows within a bounded window (``shuffle_buffer_mb``); the
+order is a pure function of ``(seed, epoch)`` and ``skip`` batches are skipped unread.
 
 Usage::
 
@@ -42,12 +39,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from xrai.data.batching import BlockDataset
 from xrai.errors import XraiError
 
 logger = logging.getLogger(__name__)
@@ -55,16 +52,7 @@ logger = logging.getLogger(__name__)
 REQUIRED_KEYS = ("images", "orientations", "pixel_position_reciprocal")
 #: Rows per read when the file does not say (no chunks, no ``chunk_rows`` attribute).
 DEFAULT_BLOCK_ROWS = 256
-#: Target size of one sequential read.
-SEQUENTIAL_READ_MB = 64.0
-
-
-def _shuffle_generator(seed: int, epoch: int) -> torch.Generator:
-    # a distinct, reproducible stream for every (seed, epoch)
-    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch) * 7_919 + 12_345) % (2**63 - 1))
-
-
-class DiffractionDataset:
+class DiffractionDataset(BlockDataset):
     """Read one diffraction dataset (HDF5), in order or shuffled, in chunk-sized blocks.
 
     Attributes set at open: ``path``, ``n_images``, ``image_shape`` ``(H, W)``,
@@ -83,9 +71,6 @@ class DiffractionDataset:
         self._validate()
 
     # ---------------------------------------------------------------- opening
-    def _err(self, msg: str) -> XraiError:
-        return XraiError(f"{self.path}: {msg}")
-
     def _open(self):
         import h5py
 
@@ -106,12 +91,6 @@ class DiffractionDataset:
         if self._file is not None and self._pid == os.getpid():
             self._file.close()
         self._file = None
-
-    def __enter__(self) -> DiffractionDataset:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -213,9 +192,6 @@ class DiffractionDataset:
         return v
 
     # ---------------------------------------------------------------- reading
-    def __len__(self) -> int:
-        return self.n_images
-
     def __repr__(self) -> str:
         return f"DiffractionDataset({str(self.path)!r}, n={self.n_images}, shape={self.image_shape})"
 
@@ -262,12 +238,6 @@ class DiffractionDataset:
             out["scale"] = torch.from_numpy(np.asarray(f["scale"][lo:hi], dtype=np.float32)[index - lo])
         return out
 
-    def _check_finite(self, images: torch.Tensor, start: int, stop: int) -> None:
-        if not torch.isfinite(images).all():
-            bad = (~torch.isfinite(images.reshape(images.shape[0], -1))).any(dim=1).nonzero().flatten()
-            raise self._err(
-                f"images [{start}, {stop}) contain NaN or infinite values (first bad image: {start + int(bad[0])})")
-
     def _read_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Raw block read as numpy (float32 images), NaN-checked."""
         f = self._open()
@@ -275,93 +245,11 @@ class DiffractionDataset:
         if self._image_squeeze:
             imgs = imgs[:, 0]
         imgs = np.asarray(imgs, dtype=np.float32)
-        if not np.isfinite(imgs).all():
-            self._check_finite(torch.from_numpy(imgs), start, stop)
+        self._check_finite(imgs, start, stop)
         block = {"images": imgs, "orientations": np.asarray(f["orientations"][start:stop], dtype=np.float32)}
         if self.has_scale:
             block["scale"] = np.asarray(f["scale"][start:stop], dtype=np.float32)
         return block
-
-    # ---------------------------------------------------------------- one pass
-    @property
-    def image_bytes(self) -> int:
-        """Bytes of one image as float32 in memory."""
-        return 4 * self.image_shape[0] * self.image_shape[1]
-
-    def _blocks(self, rows: int) -> list[tuple[int, int]]:
-        return [(s, min(s + rows, self.n_images)) for s in range(0, self.n_images, rows)]
-
-    def _windows(self, shuffle: bool, seed: int, epoch: int) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor | None]]:
-        """The pass as windows: (blocks to read, permutation of the window's rows or None), lazily."""
-        if not shuffle:
-            # whole chunks, about SEQUENTIAL_READ_MB per read
-            per_read = max(1, int(SEQUENTIAL_READ_MB * 2**20 // (self.image_bytes * self.block_rows)))
-            for b in self._blocks(self.block_rows * per_read):
-                yield [b], None
-            return
-        gen = _shuffle_generator(seed, epoch)
-        blocks = self._blocks(self.block_rows)
-        order = torch.randperm(len(blocks), generator=gen).tolist()
-        per_window = max(2, int(self.shuffle_buffer_mb * 2**20 // (self.image_bytes * self.block_rows)))
-        for w0 in range(0, len(order), per_window):
-            wb = [blocks[i] for i in order[w0:w0 + per_window]]
-            n = sum(b - a for a, b in wb)
-            yield wb, torch.randperm(n, generator=gen)
-
-    def iter_batches(
-        self,
-        batch_size: int,
-        *,
-        shuffle: bool,
-        seed: int = 0,
-        epoch: int = 0,
-        skip: int = 0,
-        drop_last: bool = False,
-    ) -> Iterator[dict[str, torch.Tensor]]:
-        """One pass over the dataset in batches (see the module docstring for the order).
-
-        Yields dicts like :meth:`read` (``index`` gives each image's position in the file).
-        ``skip`` batches at the start are skipped without reading them; the order is the
-        same as without skipping. ``drop_last`` drops a final batch smaller than ``batch_size``.
-        """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        to_skip = int(skip) * int(batch_size)
-        carry: dict[str, np.ndarray] | None = None
-        for blocks, perm in self._windows(shuffle, seed, epoch):
-            n_win = sum(b - a for a, b in blocks)
-            if to_skip >= n_win:  # skip whole windows without reading them
-                to_skip -= n_win
-                continue
-            data = [self._read_rows(a, b) | {"index": np.arange(a, b)} for a, b in blocks]
-            win = {k: np.concatenate([d[k] for d in data]) if len(data) > 1 else data[0][k] for k in data[0]}
-            if perm is not None:
-                p = perm.numpy()
-                win = {k: v[p] for k, v in win.items()}
-            if to_skip:
-                win = {k: v[to_skip:] for k, v in win.items()}
-                to_skip = 0
-            if carry is not None:
-                win = {k: np.concatenate([carry[k], win[k]]) for k in win}
-                carry = None
-            n = len(win["index"])
-            full = n - n % batch_size
-            for s in range(0, full, batch_size):
-                yield self._to_torch({k: v[s:s + batch_size] for k, v in win.items()})
-            if full < n:
-                carry = {k: v[full:] for k, v in win.items()}
-        if carry is not None and not drop_last:
-            yield self._to_torch(carry)
-
-    @staticmethod
-    def _to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
-        out["index"] = out["index"].long()
-        return out
-
-    def n_batches(self, batch_size: int, drop_last: bool = False) -> int:
-        """Batches in one pass."""
-        return self.n_images // batch_size if drop_last else -(-self.n_images // batch_size)
 
 
 class DatasetWriter:
@@ -506,11 +394,6 @@ def write_sharded_master(path: str | os.PathLike, shard_paths: list[str | os.Pat
         f.attrs["shards"] = json.dumps([os.path.relpath(p.resolve(), master.resolve().parent) for p in shards])
         for k, v in (attrs or {}).items():
             f.attrs[k] = json.dumps(v, default=str) if isinstance(v, (dict, list, tuple)) else v
-
-
-def open_dataset(path: str | os.PathLike, **kwargs) -> DiffractionDataset:
-    """Open a dataset (one file or a sharded master file): ``DiffractionDataset(path)``."""
-    return DiffractionDataset(path, **kwargs)
 
 
 # A sharded dataset is a master file of virtual datasets: it reads exactly like one file.
