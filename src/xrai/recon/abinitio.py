@@ -80,6 +80,13 @@ MIN_WEIGHT = 1e-2
 
 # --------------------------------------------------------------------------- settings
 
+#: ``train.xrai.poisson``'s defaults: at a few thousand photons per pattern an image's pose is
+#: uncertain by ~1.5 degrees even against the true volume, and the encoder's guess is often
+#: further off, so inference scores every pixel, starts the pattern search at 8 degrees and adds
+#: the 15-degree grid to the encoder's candidates (docs/method.md, "Photon counts": measured)
+POISSON_OVERRIDES = {"infer_pixels": 4096, "infer_refine_deg": [8.0, 4.0, 2.0, 1.0, 0.5, 0.25],
+                     "infer_search_level": 2}
+
 
 @dataclass(frozen=True)
 class XraiSettings:
@@ -96,12 +103,17 @@ class XraiSettings:
     refine_deg: tuple[float, ...] = (8.0, 4.0, 2.0, 1.0, 0.5)
     infer_refine_deg: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5, 0.25)
     infer_pixels: int = 512
+    infer_search_level: int = -1
     memory_images: tuple[int, int] = (2048, 8192)
 
     @classmethod
-    def from_config(cls, cfg: dict) -> XraiSettings:
-        """Read ``train.xrai`` (missing keys take the defaults above)."""
+    def from_config(cls, cfg: dict, likelihood: str = "gaussian") -> XraiSettings:
+        """Read ``train.xrai`` (missing keys take the defaults above); with the Poisson likelihood its
+        ``poisson`` entries override the others (:data:`POISSON_OVERRIDES` where the config has none)."""
         x = dict(cfg.get("train", {}).get("xrai", {}) or {})
+        poisson = x.pop("poisson", None)
+        if likelihood == "poisson":
+            x.update(POISSON_OVERRIDES if poisson is None else poisson)
         d = cls()
         return cls(
             heads=int(x.get("heads", d.heads)),
@@ -115,6 +127,7 @@ class XraiSettings:
             refine_deg=tuple(float(v) for v in x.get("refine_deg", d.refine_deg)),
             infer_refine_deg=tuple(float(v) for v in x.get("infer_refine_deg", d.infer_refine_deg)),
             infer_pixels=int(x.get("infer_pixels", d.infer_pixels)),
+            infer_search_level=int(x.get("infer_search_level", d.infer_search_level)),
             memory_images=tuple(int(v) for v in x.get("memory_images", d.memory_images)),
         )
 
@@ -455,6 +468,12 @@ class XraiRecipe(Recipe):
         self.settings = XraiSettings.from_config(cfg)
         self._grid_R: torch.Tensor | None = None
 
+    def configure(self, dataset: Any) -> None:
+        """The base's likelihood, mask and background; then the settings for that likelihood."""
+        super().configure(dataset)
+        self.settings = XraiSettings.from_config(self.cfg, self.likelihood)
+        self._grid_R = None
+
     @property
     def poisson(self) -> bool:
         return self.likelihood == "poisson"
@@ -657,9 +676,15 @@ class XraiRecipe(Recipe):
         pixels = usable[pick.round().long()]
         bg = self._score_background(model, pixels)
         cands = encoder_candidates(model.encoder(z))
-        best = candidate_losses(model, cands, data[:, pixels], pixels, bg).argmin(dim=1)
+        best_loss, best = candidate_losses(model, cands, data[:, pixels], pixels, bg).min(dim=1)
         R = cands[torch.arange(B), best]
         branch = (best % 2).to(torch.int8)
+        if s.infer_search_level >= 0:  # a fixed grid as extra candidates: the same cost for every image
+            grid_R = quaternion_to_matrix(so3_grid(s.infer_search_level)).float().to(z.device)
+            R_grid, grid_loss = grid_search(model, grid_R, data[:, pixels], pixels, background=bg)
+            won = grid_loss < best_loss
+            R = torch.where(won[:, None, None], R_grid, R)
+            branch = torch.where(won, torch.zeros_like(branch), branch)
         if refine and s.infer_refine_deg:
             R = refine_poses(model, R, data[:, pixels], pixels, s.infer_refine_deg, iterations=2, background=bg)
         return R, branch

@@ -13,6 +13,7 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from xrai.imaging import ImagingModel
-from xrai.recon.losses import SymmetrizedLoss, symmetrized_l2
+from xrai.recon.losses import PixelLoss, SymmetrizedLoss, pixel_l2, poisson_pixel_nll, symmetrized_l2
 from xrai.recon.models import Autoencoder, FourierNet, VGGEncoder
 from xrai.rotations import quaternion_to_matrix
 
@@ -131,16 +132,28 @@ class Recipe:
         logger.info("decoder output unit: mean amplitude %.4g (from %d images)", float(model.decoder.scale), len(amp))
 
     # -- per step
+    def pixel_terms(self, device: torch.device) -> tuple[torch.Tensor | None, PixelLoss]:
+        """``(weights, pixel_loss)`` of this recipe's losses: the mask as weights (None without one) and
+        the squared error (Gaussian) or the Poisson NLL of the counts with the dataset's background."""
+        weights = None
+        if self.mask is not None and not bool(self.mask.all()):
+            weights = self.mask.to(device).float()
+        if self.likelihood != "poisson":
+            return weights, pixel_l2
+        bg = None if self.background is None else self.background.to(device)
+        return weights, functools.partial(poisson_pixel_nll, background=bg)
+
     def loss(self, model: Autoencoder, batch: Batch, step: int) -> SymmetrizedLoss:
-        """The training loss of a batch (equation 4: symmetrized L2 through the whole autoencoder)."""
-        return symmetrized_l2(model, batch.amplitude, weights=None)
+        """The training loss of a batch (equation 4: symmetrized L2, or Poisson NLL, through the whole autoencoder)."""
+        weights, pixel_loss = self.pixel_terms(batch.amplitude.device)
+        return symmetrized_l2(model, batch.amplitude, weights=weights, pixel_loss=pixel_loss)
 
     def training_step(self, model: Autoencoder, optimizer: torch.optim.Optimizer, batch: Batch, step: int) -> dict:
         """One gradient step; returns scalars for the log (at least ``loss``)."""
         optimizer.zero_grad(set_to_none=True)
         out = self.loss(model, batch, step)
         # normalised units: the loss is in (amplitude / scale)^2, independent of the photon count
-        loss = out.loss / model.decoder.scale**2
+        loss = out.loss / model.decoder.scale**2 if self.likelihood == "gaussian" else out.loss
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), float(self.tcfg.get("grad_clip", 1.0)))
         optimizer.step()
@@ -150,7 +163,8 @@ class Recipe:
     @torch.no_grad()
     def infer(self, model: Autoencoder, batch: Batch) -> SymmetrizedLoss:
         """Poses (corrected by the winning branch) and per-image loss, in eval mode."""
-        return symmetrized_l2(model, batch.amplitude)
+        weights, pixel_loss = self.pixel_terms(batch.amplitude.device)
+        return symmetrized_l2(model, batch.amplitude, weights=weights, pixel_loss=pixel_loss)
 
     def state_dict(self) -> dict:
         """Extra recipe state to checkpoint (none here)."""
