@@ -21,7 +21,13 @@ import torch
 from torch import nn
 
 from xrai.imaging import ImagingModel
-from xrai.recon.losses import PixelLoss, SymmetrizedLoss, pixel_l2, poisson_pixel_nll, symmetrized_l2
+from xrai.recon.losses import (
+    PixelLoss,
+    SymmetrizedLoss,
+    pixel_l2,
+    poisson_pixel_nll,
+    symmetrized_l2,
+)
 from xrai.recon.models import Autoencoder, FourierNet, VGGEncoder
 from xrai.rotations import quaternion_to_matrix
 
