@@ -532,9 +532,10 @@ class XraiRecipe(Recipe):
         idx = torch.arange(PROFILE_BINS, device=device)
         nearest = idx[seen][(idx[:, None] - idx[seen][None]).abs().argmin(dim=1)]
         radial = radial[nearest]
-        if self.poisson:
+        if self.poisson:  # amplitudes: the square root of the intensity profile
             radial = radial.clamp_min(1e-12 * float(radial.max().clamp_min(1e-30))).sqrt()
-        scale = float(radial.mean().clamp_min(1e-20))
+            flat = flat.sqrt()
+        scale = float(((flat * mask).sum() / mask.sum()).clamp_min(1e-20))
         dec.scale.fill_(scale)
         dec.radial.copy_(radial / scale)
         model.update_profile()
@@ -549,7 +550,8 @@ class XraiRecipe(Recipe):
         m = min(len(data), s.memory_images[0])
         R0 = quaternion_to_matrix(random_quaternions(m)).float().to(data.device)
         pixels = self._pixels_within(model, s.q_fraction(0))
-        self._merge(model, R0, data[:m].reshape(m, -1), pixels, decay=0.0)
+        merged = data[:m] if self.poisson else model.normalise(data[:m]) * self._mask(model)  # z for Gaussian
+        self._merge(model, R0, merged.reshape(m, -1), pixels, decay=0.0)
         logger.info("xrai: first volume merged from %d images at random poses", m)
 
     # -- helpers
