@@ -162,7 +162,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for n_train in sorted({r["n_train"] for r in rows}):
-        for method, style in (("xrai", "o-"), ("emc", "s--"), ("xrai-known-pose", "^:")):
+        for method, style in (("xrai", "o-"), ("emc", "s--"), ("emc, slow annealing", "d--"),
+                              ("xrai-known-pose", "^:")):
             sel = sorted((r for r in rows if r["method"] == method and r["n_train"] == n_train),
                          key=lambda r: r["photons"])
             if not sel:
