@@ -135,7 +135,8 @@ def test_true_model_recovers_test_poses_within_the_grid_resolution(test_scale, l
     """With the true intensity as the model, matching gives each test image a grid point within the spacing."""
     cfg = test_scale["cfg"]
     ds = DiffractionDataset(test_scale["test"])
-    emc = _emc(cfg, ds, likelihood=likelihood)
+    # Poisson reads the recorded counts (never divided by the simulator's scale): a fluence per image
+    emc = _emc(cfg, ds, likelihood=likelihood, per_image_scale=likelihood == "poisson")
     if likelihood == "gaussian":
         emc.initialize(ds, torch.Generator().manual_seed(0))  # the shell variances of a flat model
     emc.volume = _true_model(cfg, test_scale["intensity"]).float()
@@ -163,7 +164,8 @@ def test_poisson_photon_data_selects_the_poisson_likelihood_and_matches(test_sca
     ds = DiffractionDataset(tmp_path / "poisson.h5")
     assert resolve_likelihood("auto", ds) == "poisson"
     assert resolve_likelihood("auto", DiffractionDataset(test_scale["test"])) == "gaussian"
-    emc = _emc(cfg, ds, likelihood="poisson")
+    # the raw counts (never divided by the simulator's scale): the fluence is fitted per image
+    emc = _emc(cfg, ds, likelihood="poisson", per_image_scale=True)
     emc.volume = _true_model(cfg, test_scale["intensity"]).float()
     _, R = emc.most_likely_poses(ds, 2)
     err, _ = pose_errors_deg(R, quaternion_to_matrix(ds.read(0, 256)["orientations"].double()))

@@ -64,7 +64,8 @@ CHECKPOINT_FORMAT = 1
 #: config keys a training run's result depends on (the rule train's params name the same ones)
 TRAINING_CONFIG_KEYS = ("detector", "beam", "volume", "train")
 #: what a checkpoint must share with the run that resumes it (else the run starts afresh)
-RESUME_KEYS = ("method", "seed", "n_train", "batch_size", "config", "train_fingerprint", "test_fingerprint")
+RESUME_KEYS = ("method", "seed", "n_train", "batch_size", "config", "likelihood", "train_fingerprint",
+               "test_fingerprint")
 #: columns of metrics.csv; the test_* ones are filled every train.eval_every steps
 METRIC_COLUMNS = (
     "step", "epoch", "loss", "lr", "images_per_s", "rss_mb", "wall_s",
@@ -254,11 +255,12 @@ def _fmt_time(seconds: float) -> str:
 # --------------------------------------------------------------------------- evaluation and outputs
 
 
-def _batches_of(dataset: Any, batch_size: int, device: torch.device, stop: int | None = None) -> Iterator[Batch]:
+def _batches_of(recipe: Recipe, dataset: Any, batch_size: int, device: torch.device,
+                stop: int | None = None) -> Iterator[Batch]:
     """Sequential batches of ``dataset`` (the first ``stop`` images if given)."""
     n = len(dataset) if stop is None else min(stop, len(dataset))
     for start in range(0, n, batch_size):
-        yield Batch(dataset.read(start, min(start + batch_size, n)), device)
+        yield recipe.batch(dataset.read(start, min(start + batch_size, n)), device)
 
 
 @torch.no_grad()
@@ -272,7 +274,8 @@ def evaluate_poses(recipe: Recipe, model: Autoencoder, batches: list[Batch]) -> 
         outs = [recipe.infer(model, b) for b in batches]
     finally:
         model.train(was_training)
-    scale2 = float(model.decoder.scale) ** 2
+    # Gaussian: in normalised units (amplitude / scale)^2; Poisson: negative log-likelihood per pixel
+    scale2 = float(model.decoder.scale) ** 2 if recipe.likelihood == "gaussian" else 1.0
     row: dict[str, Any] = {"test_loss": float(torch.cat([o.per_image for o in outs]).mean()) / scale2}
     if recipe.learns_poses:
         R_pred = torch.cat([o.rotations for o in outs]).double().cpu()
@@ -303,7 +306,7 @@ def write_poses(path: Path, recipe: Recipe, model: Autoencoder, dataset: Any, ba
             rot = f.create_dataset("rotations", (n, 3, 3), dtype="f4", chunks=(min(n, 4096), 3, 3))
             branch = f.create_dataset("branch", (n,), dtype="i1")
             index = f.create_dataset("index", (n,), dtype="i8")
-            for b in _batches_of(dataset, batch_size, device):
+            for b in _batches_of(recipe, dataset, batch_size, device):
                 lo, hi = int(b.index[0]), int(b.index[-1]) + 1
                 if recipe.learns_poses:
                     out = recipe.infer(model, b)
@@ -419,6 +422,7 @@ def train(
                 method, run, seed, total, batch_size, device, threads, train_ds.path, len(train_ds),
                 test_ds.path, len(test_ds))
 
+    recipe.configure(train_ds)
     seed_everything(seed)
     model = recipe.build_model(imaging_model(cfg, train_ds)).to(device)
     optimizer = recipe.build_optimizer(model)
@@ -429,6 +433,7 @@ def train(
     ckpt_path = out / "checkpoint.pt"
     info = {"method": method, "run": int(run), "seed": seed, "train_data": str(Path(train_data).resolve()),
             "n_train": len(train_ds), "batch_size": batch_size, "config": run_config,
+            "likelihood": recipe.likelihood,
             "train_fingerprint": train_ds.fingerprint(), "test_fingerprint": test_ds.fingerprint()}
     rows: list[dict] = []
     wall_before = 0.0
@@ -458,7 +463,7 @@ def train(
             "window": {"losses": loss_window, "images": n_window}, "train_config": tcfg,
         })
 
-    eval_batches = list(_batches_of(test_ds, batch_size, device, stop=int(tcfg["eval_images"])))
+    eval_batches = list(_batches_of(recipe, test_ds, batch_size, device, stop=int(tcfg["eval_images"])))
     log_every, eval_every = int(tcfg["log_every"]), int(tcfg["eval_every"])
     ckpt_every = int(tcfg["checkpoint_every"])
     stop = StopRequest()
@@ -472,7 +477,7 @@ def train(
     try:
         with stop.installed():
             while step < total and stop.signum is None:
-                batch = Batch(stream.next(), device)
+                batch = recipe.batch(stream.next(), device)
                 stats = recipe.training_step(model, optimizer, batch, step)
                 step += 1
                 n_window += len(batch)
@@ -513,7 +518,8 @@ def train(
     # ---- outputs, written once at the end (each atomically)
     logger.info("training done at step %d (%.1f min); writing outputs to %s", step, wall / 60, out)
     prov = provenance(None, seed) | {"method": method, "run": int(run), "steps": step, "train_data": info["train_data"],
-                                      "test_data": str(Path(test_data).resolve()), "wall_s": wall}
+                                      "test_data": str(Path(test_data).resolve()), "wall_s": wall,
+                                      "likelihood": recipe.likelihood}
     attrs = {"method": method, "run": int(run), "step": step, "seed": seed}
     write_poses(out / "poses_test.h5", recipe, model, test_ds, batch_size, device,
                 attrs | {"dataset": str(Path(test_data).resolve())})
