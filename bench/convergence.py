@@ -309,20 +309,20 @@ def encoder_only_errors(out: Path, paths: dict) -> dict:
     from xrai.data.hdf5 import DiffractionDataset
     from xrai.evaluation.metrics import pose_errors_deg, summarize_pose_errors
     from xrai.recon.abinitio import XraiRecipe
-    from xrai.recon.recipe import Batch
     from xrai.recon.train import imaging_model
 
     cfg = load_config(out / "bench_config.yaml")
     recipe = XraiRecipe(cfg)
     ds = DiffractionDataset(paths["test"])
+    recipe.configure(DiffractionDataset(paths["train"]))
     model = recipe.build_model(imaging_model(cfg, ds))
     model.load_state_dict(torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["model"])
     model.eval()
     R_pred, R_true = [], []
     with torch.no_grad():
         for i in range(0, len(ds), 500):
-            b = Batch(ds.read(i, min(i + 500, len(ds))), torch.device("cpu"))
-            R_pred.append(recipe.infer_poses(model, b.amplitude, refine=False)[0])
+            b = recipe.batch(ds.read(i, min(i + 500, len(ds))), torch.device("cpu"))
+            R_pred.append(recipe.infer_poses(model, b, refine=False)[0])
             R_true.append(b.rotations)
     return summarize_pose_errors(pose_errors_deg(torch.cat(R_pred), torch.cat(R_true))[0])
 

@@ -74,3 +74,13 @@ def test_scale_data(tmp_path_factory, pdb_mirror) -> dict:
     for argv in steps:
         assert main([argv[0], "--config", str(config), *argv[1:]]) == 0, argv
     return paths
+
+
+@pytest.fixture(scope="session")
+def chain_a_cif(pdb_mirror, tmp_path_factory) -> Path:
+    """2CEX chain A as written by ``xrai fetch`` (mmCIF of the selected atoms)."""
+    from xrai.structure import load_structure
+
+    path = tmp_path_factory.mktemp("structures") / "2CEX_A.cif"
+    load_structure(pdb_mirror / "2cex.pdb", chains=["A"]).make_mmcif_document().write_file(str(path))
+    return path

@@ -182,7 +182,7 @@ def test_mask_is_read_and_checked(tmp_path):
 
     def write(path, mask=None):
         with h5py.File(path, "w") as f:
-            f["images"] = np.ones((3, 4, 5), np.float32)
+            f["images"] = np.arange(60, dtype=np.float32).reshape(3, 4, 5)
             f["orientations"] = np.tile([1.0, 0, 0, 0], (3, 1))
             f["pixel_position_reciprocal"] = np.zeros((4, 5, 3))
             if mask is not None:

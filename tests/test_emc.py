@@ -135,7 +135,8 @@ def test_true_model_recovers_test_poses_within_the_grid_resolution(test_scale, l
     """With the true intensity as the model, matching gives each test image a grid point within the spacing."""
     cfg = test_scale["cfg"]
     ds = DiffractionDataset(test_scale["test"])
-    emc = _emc(cfg, ds, likelihood=likelihood)
+    # Poisson reads the recorded counts (never divided by the simulator's scale): a fluence per image
+    emc = _emc(cfg, ds, likelihood=likelihood, per_image_scale=likelihood == "poisson")
     if likelihood == "gaussian":
         emc.initialize(ds, torch.Generator().manual_seed(0))  # the shell variances of a flat model
     emc.volume = _true_model(cfg, test_scale["intensity"]).float()
@@ -163,7 +164,8 @@ def test_poisson_photon_data_selects_the_poisson_likelihood_and_matches(test_sca
     ds = DiffractionDataset(tmp_path / "poisson.h5")
     assert resolve_likelihood("auto", ds) == "poisson"
     assert resolve_likelihood("auto", DiffractionDataset(test_scale["test"])) == "gaussian"
-    emc = _emc(cfg, ds, likelihood="poisson")
+    # the raw counts (never divided by the simulator's scale): the fluence is fitted per image
+    emc = _emc(cfg, ds, likelihood="poisson", per_image_scale=True)
     emc.volume = _true_model(cfg, test_scale["intensity"]).float()
     _, R = emc.most_likely_poses(ds, 2)
     err, _ = pose_errors_deg(R, quaternion_to_matrix(ds.read(0, 256)["orientations"].double()))
@@ -255,8 +257,10 @@ def test_cli_writes_the_outputs_of_train_and_resumes(test_scale, tmp_path):
     assert _cli(_config_file(test_scale, tmp_path, n_iterations=2), test_scale, fresh) == 0
     torch.testing.assert_close(read_volume_h5(str(fresh / "intensity.h5"))[0], read_volume_h5(str(out / "intensity.h5"))[0])
 
-    # a changed algorithm setting is refused with a one-line error naming the checkpoint
-    assert _cli(_config_file(test_scale, tmp_path, n_iterations=3, per_image_scale=True), test_scale, out) == 2
+    # a changed algorithm setting: the checkpoint is set aside with one line saying why
+    assert _cli(_config_file(test_scale, tmp_path, n_iterations=1, per_image_scale=True), test_scale, out) == 0
+    rows_3 = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [r["step"] for r in rows_3] == ["1"] and rows_3[0]["log_likelihood"] != rows_1[0]["log_likelihood"]
 
 
 def test_sigterm_checkpoints_and_the_rerun_resumes(test_scale, tmp_path):

@@ -71,7 +71,8 @@ def run(tmp_path_factory, reference):
     q = np.zeros((4, 4, 3), dtype=np.float32)
     for split, n, seed in (("train", 400, 1), ("test", 200, 2)):
         quats = random_quaternions(n, torch.Generator().manual_seed(seed))
-        write_dataset(d / f"{split}.h5", np.ones((n, 4, 4), np.float32), quats.numpy(), q)
+        images = np.random.default_rng(seed).poisson(5.0, (n, 4, 4)).astype(np.float32)
+        write_dataset(d / f"{split}.h5", images, quats.numpy(), q)
         _poses(run_dir / f"poses_{split}.h5", quaternion_to_matrix(quats), noise_deg=2.0, seed=seed + 10)
     (run_dir / "metrics.csv").write_text("step,loss,wall_s\n100,0.5,10.0\n300,0.2,31.5\n")
     bench = d / "benchmarks" / "train" / "2CEX_A" / "400" / "xrai"

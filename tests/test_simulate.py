@@ -18,16 +18,6 @@ from xrai.xray.scattering import PatternSimulator, centred_positions
 from xrai.xray.simulate import dataset_bytes, orientations_for, planned_bytes, simulate_dataset
 
 
-@pytest.fixture(scope="module")
-def chain_a_cif(pdb_mirror, tmp_path_factory):
-    """2CEX chain A as written by ``xrai fetch`` (mmCIF of the selected atoms)."""
-    from xrai.structure import load_structure
-
-    path = tmp_path_factory.mktemp("structures") / "2CEX_A.cif"
-    load_structure(pdb_mirror / "2cex.pdb", chains=["A"]).make_mmcif_document().write_file(str(path))
-    return path
-
-
 def _config(tmp_path, base: dict, **simulation) -> str:
     cfg = copy.deepcopy(base)
     cfg["simulation"].update(simulation)

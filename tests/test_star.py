@@ -361,7 +361,7 @@ def test_mixed_image_sizes_and_pixel_sizes(tmp_path, star31):
 def test_open_dataset_picks_the_reader(tmp_path, star31):
     assert isinstance(open_dataset(star31), ParticleDataset)
     h5 = tmp_path / "x.h5"
-    write_dataset(h5, np.ones((4, 4, 4), np.float32), np.tile([1.0, 0, 0, 0], (4, 1)), np.zeros((4, 4, 3)))
+    write_dataset(h5, np.arange(64, dtype=np.float32).reshape(4, 4, 4), np.tile([1.0, 0, 0, 0], (4, 1)), np.zeros((4, 4, 3)))
     assert isinstance(open_dataset(h5), DiffractionDataset)
     renamed = tmp_path / "x.data"
     renamed.write_bytes(h5.read_bytes())  # HDF5 recognised by its signature whatever the suffix

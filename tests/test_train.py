@@ -233,15 +233,18 @@ def test_sigterm_kills_a_real_job_which_then_resumes(test_scale_data, tmp_path):
     assert all(0 <= float(r["test_pose_median_deg"]) <= 180 for r in evals)
 
 
-def test_checkpoint_of_another_run_is_refused(test_scale_data, tmp_path):
+def test_checkpoint_of_another_run_starts_afresh(test_scale_data, tmp_path):
     data = test_scale_data
     config = _config(data, tmp_path / "config.yaml", steps=2, batch_size=16, eval_images=16, log_every=1,
                      device="cpu", **TINY)
     out = tmp_path / "run"
     assert main(_train_argv(config, data, out, method="known-pose")) == 0
-    # the same directory for another method: a clear one-line error, exit code 2
-    assert main(_train_argv(config, data, out, method="xrai-paper")) == 2
-    # a corrupt checkpoint too
+    # the same directory for another method: one line says why, and training starts from step 0
+    log = tmp_path / "train.log"
+    assert main([*_train_argv(config, data, out, method="xrai-paper"), f"--log={log}"]) == 0
+    assert "written for method='known-pose', this run has 'xrai-paper'; starting afresh" in log.read_text()
+    assert _state(out)["info"]["method"] == "xrai-paper"
+    # a corrupt checkpoint is an error (exit code 2)
     (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
     assert main(_train_argv(config, data, out, method="known-pose")) == 2
 

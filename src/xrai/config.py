@@ -1,7 +1,8 @@
 """Load, default-fill and validate the pipeline configuration.
 
-The JSON schema (draft 2020-12) in ``workflow/schemas/config.schema.yaml`` is the
-single description of every key. Errors name the key and what is allowed, in one line.
+The JSON schema (draft 2020-12) in ``xrai/schemas/config.schema.yaml`` (shipped inside the
+package; the workflow reads the same copy) is the single description of every key. Errors
+name the key and what is allowed, in one line, with the file, line and column where known.
 
 Usage::
 
@@ -14,8 +15,11 @@ Usage::
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +29,17 @@ from xrai.errors import XraiError
 
 logger = logging.getLogger(__name__)
 
+#: the source checkout (tests and benches find config/ and scripts/ here; the package never needs it)
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+#: the one copy of the schema, package data (read by the CLI and by workflow/rules/common.smk)
+SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
 
 
 def load_schema(path: str | os.PathLike | None = None) -> dict:
-    """Read the config schema (by default the workflow's own)."""
+    """Read the config schema (by default the package's own, ``xrai/schemas/config.schema.yaml``)."""
     p = Path(path) if path is not None else SCHEMA_PATH
     if not p.exists():
-        raise XraiError(f"config schema not found at {p}; run from a source checkout of xrai")
+        raise XraiError(f"config schema not found at {p}; the xrai installation is incomplete (reinstall it)")
     return yaml.safe_load(p.read_text())
 
 
@@ -63,9 +69,26 @@ def _fill_defaults(data: Any, schema: dict, root: dict) -> Any:
     return data
 
 
+class ConfigKeyError(XraiError):
+    """A config error at one key; ``path`` (keys and list indices) lets the loader name its line and column."""
+
+    def __init__(self, message: str, path: Any = ()) -> None:
+        super().__init__(message)
+        self.path = tuple(path)
+
+
 def _key_path(path: Any) -> str:
     parts = [f"[{p}]" if isinstance(p, int) else f".{p}" for p in path]
     return "".join(parts).lstrip(".") or "(top level)"
+
+
+def _error_path(error: Any) -> tuple:
+    """The key path of a jsonschema error; for an unknown key, the unknown key itself."""
+    path = tuple(error.absolute_path)
+    if error.validator == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        path += tuple(extra[:1])
+    return path
 
 
 def _describe(error: Any) -> str:
@@ -99,7 +122,7 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if errors:
-        raise XraiError(_describe(errors[0]))
+        raise ConfigKeyError(_describe(errors[0]), _error_path(errors[0]))
     _check_consistency(config)
     return config
 
@@ -107,35 +130,116 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
 def _check_consistency(cfg: dict) -> None:
     sim = cfg["simulation"]
     if sim["test_seed"] == sim["seed"]:
-        raise XraiError("config key 'simulation.test_seed' must differ from 'simulation.seed' so the test set is independent")
+        raise ConfigKeyError("config key 'simulation.test_seed' must differ from 'simulation.seed' so the test set "
+                             "is independent", ("simulation", "test_seed"))
     names = [name for name, _ in _protein_list(cfg)]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
-        raise XraiError(f"config key 'proteins': duplicate protein names {sorted(dup)}")
+        raise ConfigKeyError(f"config key 'proteins': duplicate protein names {sorted(dup)}", ("proteins",))
     if "train" not in cfg:  # a cryo-EM config may stop at the datasets
         return
     methods = [m["name"] for m in cfg["train"]["methods"]]
     if len(set(methods)) != len(methods):
-        raise XraiError(f"config key 'train.methods': a method is listed twice: {methods}")
+        raise ConfigKeyError(f"config key 'train.methods': a method is listed twice: {methods}", ("train", "methods"))
+    if sim["storage"] == "sparse" and not sim["poisson_noise"]:
+        raise ConfigKeyError("config key 'simulation.storage': sparse storage holds integer photon counts; "
+                             "it needs 'simulation.poisson_noise: true'", ("simulation", "storage"))
+    radii = [r for r, _ in sim["background"]["radial"]]
+    if radii != sorted(radii):
+        raise ConfigKeyError(f"config key 'simulation.background.radial': radii must increase, got {radii}",
+                             ("simulation", "background", "radial"))
     tr = cfg["train"]
     if tr["eval_images"] > sim["test_size"]:
-        raise XraiError(
-            f"config key 'train.eval_images' ({tr['eval_images']}) exceeds 'simulation.test_size' ({sim['test_size']})")
+        raise ConfigKeyError(
+            f"config key 'train.eval_images' ({tr['eval_images']}) exceeds 'simulation.test_size' ({sim['test_size']})",
+            ("train", "eval_images"))
+
+
+def _where(path: Path, line: int, column: int) -> str:
+    return f"{path}, line {line}, column {column}"
+
+
+def key_location(text: str, key_path: Any) -> tuple[int, int, int] | None:
+    """``(line, column, depth)`` of the deepest key of ``key_path`` present in the YAML ``text``.
+
+    Line and column are 1-based; ``depth`` is how many keys of the path were found.
+
+    >>> key_location("detector:\\n  n_pixels: -3\\n", ("detector", "n_pixels"))
+    (2, 3, 2)
+    """
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    mark, depth = None, 0
+    for part in key_path:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+            if match is None:
+                break
+            mark, node = match[0].start_mark, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            mark = node.start_mark
+        else:
+            break
+        depth += 1
+    return (mark.line + 1, mark.column + 1, depth) if mark is not None else None
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """Parse a YAML file; a syntax error names the file, line and column (XraiError)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise XraiError(f"{p}: config file not found") from None
+    except (IsADirectoryError, UnicodeDecodeError) as exc:
+        raise XraiError(f"{p}: not a readable YAML text file ({exc})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark, context = exc.problem_mark or exc.context_mark, exc.context_mark
+        where = _where(p, mark.line + 1, mark.column + 1) if mark is not None else str(p)
+        started = ""
+        if exc.context and context is not None and context is not mark:
+            started = f"{exc.context} started at line {context.line + 1}, column {context.column + 1}: "
+        raise XraiError(f"{where}: not valid YAML ({started}{exc.problem or exc.context})") from None
+    except yaml.YAMLError as exc:
+        raise XraiError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
+def locate_error(exc: XraiError, files: list[str | os.PathLike]) -> str:
+    """``exc``'s message prefixed by the file, line and column of its key in ``files``.
+
+    Snakemake merges ``--configfile`` files in order: the key is reported in the file that
+    holds most of its path, the last such file on a tie (the one whose value wins).
+    """
+    best: tuple[int, str] | None = None
+    for f in files:
+        try:
+            text = Path(f).read_text()
+        except OSError:
+            continue
+        loc = key_location(text, getattr(exc, "path", ()))
+        if loc is not None and (best is None or loc[2] >= best[0]):
+            best = (loc[2], _where(Path(f), loc[0], loc[1]))
+    if best is None:
+        return f"{files[-1]}: {exc}" if files else str(exc)
+    return f"{best[1]}: {exc}"
 
 
 def load_config(path: str | os.PathLike) -> dict:
-    """Read a YAML config file, fill defaults and validate it."""
+    """Read a YAML config file, fill defaults and validate it.
+
+    Errors name the file, line and column: ``config.yaml, line 14, column 3: unknown config key ...``.
+    """
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise XraiError(f"{p}: config file not found") from None
-    except yaml.YAMLError as exc:
-        raise XraiError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    data = read_yaml(p)
     try:
         return validate_config(data)
     except XraiError as exc:
-        raise XraiError(f"{p}: {exc}") from None
+        raise XraiError(locate_error(exc, [p])) from None
 
 
 def _protein_list(cfg: dict) -> list[tuple[str, dict]]:
@@ -210,3 +314,71 @@ def size_label(n: int) -> str:
         if n % div == 0:
             return f"{n // div}{suffix}"
     return str(n)
+
+
+def split_seed(cfg: dict, split: str) -> int:
+    """The seed of a split: ``simulation.seed`` (train) or ``simulation.test_seed`` (test)."""
+    sim = cfg["simulation"]
+    if split == "train":
+        return int(sim["seed"])
+    if split == "test":
+        return int(sim["test_seed"])
+    raise XraiError(f"split must be 'train' or 'test', got {split!r}")
+
+
+# --------------------------------------------------------------------------- what a step depends on
+
+#: keys that say how or where a step runs, not what it computes: editing them re-runs nothing
+EXECUTION_KEYS = frozenset({
+    "resources",
+    "structure.mirror", "structure.cache_dir", "structure.download_url", "structure.timeout_s", "structure.retries",
+    "simulation.device", "train.device", "train.num_threads", "train.checkpoint_every",
+    "emc.device", "emc.num_threads", "emc.chunk_size", "phasing.device",
+})
+
+
+def _lookup(cfg: dict, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _prune(value: Any, prefix: str, drop: set[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _prune(v, f"{prefix}.{k}", drop) for k, v in value.items() if f"{prefix}.{k}" not in drop}
+    return value
+
+
+def step_config(cfg: dict, *, method: str | None = None, protein: str | None = None,
+                split: str | None = None) -> dict:
+    """The config as one job of a step sees it: ``method``'s train overrides applied (and the
+    other methods' entries dropped), ``protein`` = its spec, ``split_seed`` = the split's seed."""
+    view = method_config(cfg, method) if method is not None else dict(cfg)
+    if method is not None:
+        view["train"] = {k: v for k, v in view["train"].items() if k != "methods"}
+    if protein is not None:
+        view["protein"] = protein_entries(cfg)[protein]
+    if split is not None:
+        view["split_seed"] = split_seed(cfg, split)
+    return view
+
+
+def config_values(cfg: dict, keys: Iterable[str], exclude: Iterable[str] = ()) -> dict:
+    """The resolved values of the dotted ``keys`` of ``cfg`` less ``exclude`` and :data:`EXECUTION_KEYS`.
+
+    >>> config_values({"detector": {"n_pixels": 32}, "train": {"lr": 1e-4, "device": "cpu"}},
+    ...               ["detector.n_pixels", "train"])
+    {'detector.n_pixels': 32, 'train': {'lr': 0.0001}}
+    """
+    drop = set(exclude) | EXECUTION_KEYS
+    return {key: _prune(_lookup(cfg, key), key, drop) for key in keys if key not in drop}
+
+
+def config_hash(cfg: dict, keys: Iterable[str], exclude: Iterable[str] = ()) -> str:
+    """A short sha256 of :func:`config_values`: what a rule's ``params:`` records, so an edit of
+    one of ``keys`` re-runs the rule (docs/architecture.md, "Which config keys a step depends on")."""
+    text = json.dumps(config_values(cfg, keys, exclude), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

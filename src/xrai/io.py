@@ -2,7 +2,9 @@
 
 Every output is written to a temporary name in the destination directory and
 renamed when complete, so a killed job never leaves a half-written file that
-looks finished.
+looks finished. A write that fails for a reason the user can fix (disk full, quota,
+read-only or forbidden folder, file size limit) becomes one line,
+``cannot write <file> to <folder>: <cause>`` (:func:`write_failure`), wherever it happens.
 
 Usage::
 
@@ -15,10 +17,12 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import platform
+import re
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -33,6 +37,46 @@ from xrai.errors import XraiError
 logger = logging.getLogger(__name__)
 
 
+#: errno of a failed write the user can fix -> what to tell them
+WRITE_ERRNOS = {
+    errno.ENOSPC: "no space left on the device (disk full)",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large (a file size limit was reached)",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied (the folder is not writable)",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def _write_errno(exc: BaseException) -> int | None:
+    """The errno of a write failure in ``exc`` or the exceptions it came from (torch wraps them)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        code = e.errno if isinstance(e, OSError) else None
+        if code is None and isinstance(e, (OSError, RuntimeError)):  # HDF5 puts it in the message
+            m = re.search(r"errno = (\d+)", str(e))
+            code = int(m.group(1)) if m else None
+        if code in WRITE_ERRNOS:
+            return code
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def write_failure(path: str | os.PathLike, exc: BaseException) -> XraiError | None:
+    """``XraiError("cannot write <file> to <folder>: <cause>")`` if ``exc`` is a failed write of ``path``, else None.
+
+    >>> write_failure("out/x.h5", OSError(errno.ENOSPC, "No space left on device"))
+    XraiError('cannot write x.h5 to out: no space left on the device (disk full)')
+    """
+    code = _write_errno(exc)
+    if code is None:
+        return None
+    p = Path(path)
+    return XraiError(f"cannot write {p.name} to {p.parent}: {WRITE_ERRNOS[code]}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
@@ -41,11 +85,14 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     extensions behave), and is removed if the block raises.
     """
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{dest.name}.", suffix=(suffix if suffix is not None else dest.suffix) + ".tmp",
-        dir=dest.parent,
-    )
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{dest.name}.", suffix=(suffix if suffix is not None else dest.suffix) + ".tmp",
+            dir=dest.parent,
+        )
+    except OSError as exc:
+        raise (write_failure(dest, exc) or exc) from None
     os.close(fd)
     tmp = Path(tmp_name)
     # mkstemp creates 0600; outputs get the usual permissions (0666 minus the umask)
@@ -55,10 +102,21 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     try:
         yield tmp
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        failure = write_failure(dest, exc) if _concerns(exc, tmp, dest) else None
+        if failure is not None:
+            raise failure from None
         raise
+
+
+def _concerns(exc: BaseException, *paths: Path) -> bool:
+    """Whether ``exc`` is about one of ``paths`` (or names no file): a failed read elsewhere is no write failure."""
+    name = getattr(exc, "filename", None)
+    if not name or not isinstance(exc, OSError):
+        return True
+    return Path(name).resolve().parent in {p.resolve().parent for p in paths}
 
 
 def _json_default(obj: Any) -> Any:

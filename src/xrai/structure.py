@@ -19,7 +19,10 @@ A PDB id is looked up, in order, in
    id), with ``timeout_s`` per try and ``retries`` more tries; the file is checked and then
    kept in the cache.
 
-Parsing uses gemmi. Only the first model is kept, and only the first alternate conformation;
+Parsing uses gemmi. A PDB file without an ``END`` record that holds fewer residues than its own
+``SEQRES`` header declares (beyond those ``REMARK 465`` lists as unobserved), or whose last chain
+stops without ``TER``, was cut short: it is refused with the counts unless
+``structure.allow_partial`` is true. Only the first model is kept, and only the first alternate conformation;
 waters, hydrogens and hetero residues (ligands, ions, glycans) are removed unless the
 ``structure.keep_*`` keys say otherwise.
 
@@ -265,8 +268,51 @@ def resolve_structure_source(spec: dict, structure_cfg: dict | None) -> Path:
 # --------------------------------------------------------------------------- parsing
 
 
-def _parse_bytes(data: bytes, name: str, origin: str | None = None) -> gemmi.Structure:
-    """Parse PDB or mmCIF bytes (gzip allowed); ``name`` gives the format, ``origin`` names it in errors."""
+def pdb_shortfall(text: str) -> list[str]:
+    """How a PDB file without ``END`` falls short of its own header (empty when it does not, or has END).
+
+    Per chain of ``SEQRES``: residues with atoms + residues ``REMARK 465`` lists as missing,
+    against the declared count; and a last chain whose atoms are not closed by ``TER``.
+
+    >>> pdb_shortfall("SEQRES   1 A    3  ALA GLY SER\\nATOM      1  CA  ALA A   1      0.000   0.000   0.000  1.00  0.00           C\\n")
+    ['chain A: 1 residues with atoms + 0 listed as missing (REMARK 465) of 3 in SEQRES', 'chain A stops without TER']
+    """
+    lines = text.splitlines()
+    if any(line.rstrip() == "END" for line in lines):
+        return []
+    declared: dict[str, tuple[int, set[str]]] = {}
+    for line in lines:
+        if line.startswith("SEQRES") and len(line) > 17 and line[13:17].strip().isdigit():
+            count, names = declared.get(line[11], (int(line[13:17]), set()))
+            declared[line[11]] = (count, names | set(line[19:].split()))
+    if not declared:
+        return []
+    missing: Counter = Counter()
+    for line in lines:
+        m = re.match(r"^REMARK 465 +(?:\d+ +)?[A-Z0-9]{1,3} +(\S) +-?\d+[A-Z]? *$", line)
+        if m:
+            missing[m.group(1)] += 1
+    observed: dict[str, set[str]] = {c: set() for c in declared}
+    last_atom, last_ter = -1, -1
+    for i, line in enumerate(lines):
+        if line.startswith(("ATOM  ", "HETATM")) and len(line) > 26 and line[21] in declared:
+            if line.startswith("ATOM") or line[17:20].strip() in declared[line[21]][1]:
+                observed[line[21]].add(line[22:27])
+                last_atom = i
+        elif line.startswith("TER"):
+            last_ter = i
+    short = [f"chain {c}: {len(observed[c])} residues with atoms + {missing[c]} listed as missing (REMARK 465) "
+             f"of {n} in SEQRES" for c, (n, _) in declared.items() if len(observed[c]) + missing[c] < n]
+    if last_atom > last_ter:
+        short.append(f"chain {lines[last_atom][21]} stops without TER")
+    return short
+
+
+def _parse_bytes(data: bytes, name: str, origin: str | None = None, allow_partial: bool = True) -> gemmi.Structure:
+    """Parse PDB or mmCIF bytes (gzip allowed); ``name`` gives the format, ``origin`` names it in errors.
+
+    Unless ``allow_partial``, a PDB file cut short (:func:`pdb_shortfall`) is refused.
+    """
     label = origin or name
     if name.lower().endswith(".gz") or data[:2] == b"\x1f\x8b":
         try:
@@ -294,6 +340,12 @@ def _parse_bytes(data: bytes, name: str, origin: str | None = None) -> gemmi.Str
         raise XraiError(f"{label}: malformed {kind} file ({detail})") from None
     if len(st) == 0 or st[0].count_atom_sites() == 0:
         raise XraiError(f"{label}: no atoms found (empty or not a PDB/mmCIF coordinate file)")
+    if not is_cif and not allow_partial:
+        short = pdb_shortfall(text)
+        if short:
+            raise XraiError(f"{label}: truncated? no END record and {st[0].count_atom_sites()} atoms that fall "
+                            f"short of the file's own header: {'; '.join(short)}; set structure.allow_partial: "
+                            "true to use it anyway")
     st.merge_chain_parts()  # PDB files may split a chain at TER (e.g. its waters); rejoin them
     st.name = st.info["_entry.id"] if "_entry.id" in st.info else ""  # the PDB id of the header, if any
     return st
@@ -320,8 +372,11 @@ def _elements_from_atom_names(st: gemmi.Structure) -> None:
                         atom.element = gemmi.Element(letter)
 
 
-def read_structure_file(path: str | os.PathLike) -> gemmi.Structure:
-    """Parse a PDB or mmCIF file (optionally gzipped) with gemmi; XraiError names the file on failure."""
+def read_structure_file(path: str | os.PathLike, allow_partial: bool = False) -> gemmi.Structure:
+    """Parse a PDB or mmCIF file (optionally gzipped) with gemmi; XraiError names the file on failure.
+
+    A PDB file cut short is refused unless ``allow_partial`` (:func:`pdb_shortfall`).
+    """
     p = Path(path)
     try:
         data = p.read_bytes()
@@ -329,7 +384,7 @@ def read_structure_file(path: str | os.PathLike) -> gemmi.Structure:
         raise XraiError(f"{p}: file not found") from None
     except IsADirectoryError:
         raise XraiError(f"{p}: is a directory, expected a PDB or mmCIF file") from None
-    return _parse_bytes(data, p.name, origin=str(p))
+    return _parse_bytes(data, p.name, origin=str(p), allow_partial=allow_partial)
 
 
 def _atom_count(st: gemmi.Structure) -> int:
@@ -405,6 +460,7 @@ def load_structure(
     keep_waters: bool = False,
     keep_hydrogens: bool = False,
     keep_hetero: bool = False,
+    allow_partial: bool = False,
 ) -> gemmi.Structure:
     """Read ``path`` and keep the selected atoms (see :func:`select_atoms`).
 
@@ -412,7 +468,7 @@ def load_structure(
     >>> st[0].count_atom_sites()
     2362
     """
-    st = read_structure_file(path)
+    st = read_structure_file(path, allow_partial)
     select_atoms(st, chains, keep_waters, keep_hydrogens, keep_hetero, label=str(path))
     return st
 
@@ -506,7 +562,7 @@ def fetch_structure(
     """
     cfg = _structure_config(structure_cfg)
     source = resolve_structure_source(spec, cfg)
-    st = read_structure_file(source)
+    st = read_structure_file(source, bool(cfg["allow_partial"]))
     chains = spec.get("chains") or None
     removed = select_atoms(st, chains, bool(cfg["keep_waters"]), bool(cfg["keep_hydrogens"]),
                            bool(cfg["keep_hetero"]), label=str(source))

@@ -1,16 +1,27 @@
-# Helpers shared by every rule: config validation, wildcards, output paths.
+# Helpers shared by every rule: config validation, wildcards, output paths, config hashes.
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from xrai.config import method_runs, modality, protein_entries, size_label, validate_config  # noqa: E402
+from xrai.config import (  # noqa: E402
+    config_hash,
+    locate_error,
+    method_runs,
+    modality,
+    protein_entries,
+    size_label,
+    step_config,
+    validate_config,
+)
 from xrai.errors import XraiError  # noqa: E402
 
 try:
+    # the schema is the package's own copy (src/xrai/schemas/config.schema.yaml)
     validate_config(config)
 except XraiError as exc:
-    raise WorkflowError(f"invalid config: {exc}") from None
+    files = list(workflow.overwrite_configfiles or [Path(workflow.basedir) / "config.yaml"])
+    raise WorkflowError(f"invalid config: {locate_error(exc, files)}") from None
 
 PROTEINS = list(protein_entries(config))
 TRAIN_SIZES = [int(n) for n in config["simulation"]["train_sizes"]]
@@ -43,6 +54,29 @@ def rule_threads(rule_name):
     # workflow.cores raises when no --cores is given (--profile slurm): jobs get cpus_per_task there.
     cores = workflow._cores
     return min(want, cores) if isinstance(cores, int) else want
+
+
+def config_keys(*keys, exclude=()):
+    """A rule's `params: config=config_keys(...)`: the hash of the config keys its outputs depend on.
+
+    Snakemake re-runs a job whose params changed (`params` is among the default
+    `--rerun-triggers`), and then everything downstream of it. `keys` are dotted config
+    keys (`"detector"`, `"train.select_best_by"`); the job's wildcards pick what it sees
+    (`xrai.config.step_config`): `train` is its {method}'s train section, `protein` its
+    {protein}'s spec, `split_seed` its {split}'s seed. See docs/architecture.md.
+    """
+
+    def job_hash(wildcards):
+        names = wildcards.keys()
+        view = step_config(
+            config,
+            method=wildcards.method if "method" in names else None,
+            protein=wildcards.protein if "protein" in names else None,
+            split=wildcards.split if "split" in names else None,
+        )
+        return config_hash(view, keys, exclude)
+
+    return job_hash
 
 
 def dataset(protein, split, size):

@@ -4,6 +4,11 @@ rule simulate_cryoem:
         cif=f"{RES}/structures/{{protein}}.cif",
     output:
         star=f"{RES}/datasets/{{protein}}/{{split}}_{{size}}.star",
+    params:
+        config=config_keys(
+            "cryoem", "protein", "simulation", "split_seed",
+            exclude=("simulation.train_sizes", "simulation.test_size", "simulation.seed", "simulation.test_seed"),
+        ),
     log:
         f"{RES}/logs/simulate_cryoem/{{protein}}/{{split}}_{{size}}.log",
     benchmark:
@@ -23,6 +28,8 @@ rule potential:
         cif=f"{RES}/structures/{{protein}}.cif",
     output:
         mrc=f"{RES}/reference/{{protein}}/potential.mrc",
+    params:
+        config=config_keys("cryoem", "protein"),
     log:
         f"{RES}/logs/potential/{{protein}}.log",
     benchmark:

@@ -14,6 +14,8 @@ if modality(config) == "cryoem" and METHODS:
             volume=f"{RES}/reconstructions/{{protein}}/{{size}}/{{method}}/run{{run}}/volume.mrc",
             poses_train=f"{RES}/reconstructions/{{protein}}/{{size}}/{{method}}/run{{run}}/poses_train.h5",
             poses_test=f"{RES}/reconstructions/{{protein}}/{{size}}/{{method}}/run{{run}}/poses_test.h5",
+        params:
+            config=config_keys("cryoem", "protein", "train"),
         log:
             f"{RES}/logs/train_cryoem/{{protein}}/{{size}}/{{method}}/run{{run}}.log",
         benchmark:
@@ -38,6 +40,8 @@ if modality(config) == "cryoem" and METHODS:
         output:
             metrics=f"{RES}/metrics/{{protein}}/{{size}}/{{method}}/metrics.json",
             aligned=f"{RES}/metrics/{{protein}}/{{size}}/{{method}}/aligned_volume.mrc",
+        params:
+            config=config_keys("evaluation"),
         log:
             f"{RES}/logs/evaluate_cryoem/{{protein}}/{{size}}/{{method}}.log",
         benchmark:

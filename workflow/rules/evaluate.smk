@@ -11,6 +11,8 @@ rule evaluate:
     output:
         metrics=f"{RES}/metrics/{{protein}}/{{size}}/{{method}}/metrics.json",
         aligned=f"{RES}/metrics/{{protein}}/{{size}}/{{method}}/aligned_density.mrc",
+    params:
+        config=config_keys("evaluation"),
     log:
         f"{RES}/logs/evaluate/{{protein}}/{{size}}/{{method}}.log",
     benchmark:

@@ -3,6 +3,8 @@ rule fetch_pdb:
     output:
         cif=f"{RES}/structures/{{protein}}.cif",
         summary=f"{RES}/structures/{{protein}}.json",
+    params:
+        config=config_keys("protein", "structure"),
     log:
         f"{RES}/logs/fetch_pdb/{{protein}}.log",
     conda:

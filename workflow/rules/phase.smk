@@ -6,6 +6,8 @@ rule phase:
     output:
         density=f"{RES}/phased/{{protein}}/{{size}}/{{method}}/density.mrc",
         history=f"{RES}/phased/{{protein}}/{{size}}/{{method}}/phasing.json",
+    params:
+        config=config_keys("phasing"),
     log:
         f"{RES}/logs/phase/{{protein}}/{{size}}/{{method}}.log",
     benchmark:

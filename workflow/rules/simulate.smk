@@ -4,6 +4,11 @@ rule simulate:
         cif=f"{RES}/structures/{{protein}}.cif",
     output:
         h5=f"{RES}/datasets/{{protein}}/{{split}}_{{size}}.h5",
+    params:
+        config=config_keys(
+            "detector", "beam", "simulation", "split_seed",
+            exclude=("simulation.train_sizes", "simulation.test_size", "simulation.seed", "simulation.test_seed"),
+        ),
     log:
         f"{RES}/logs/simulate/{{protein}}/{{split}}_{{size}}.log",
     benchmark:
@@ -24,6 +29,8 @@ rule reference:
     output:
         density=f"{RES}/reference/{{protein}}/density.mrc",
         intensity=f"{RES}/reference/{{protein}}/intensity.h5",
+    params:
+        config=config_keys("detector", "beam", "volume"),
     log:
         f"{RES}/logs/reference/{{protein}}.log",
     conda:

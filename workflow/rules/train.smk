@@ -9,6 +9,8 @@ rule train:
         poses_train=f"{RES}/reconstructions/{{protein}}/{{size}}/{{method}}/run{{run}}/poses_train.h5",
         poses_test=f"{RES}/reconstructions/{{protein}}/{{size}}/{{method}}/run{{run}}/poses_test.h5",
         metrics=f"{RES}/reconstructions/{{protein}}/{{size}}/{{method}}/run{{run}}/metrics.csv",
+    params:
+        config=config_keys("detector", "beam", "volume", "train", exclude=("train.select_best_by",)),
     log:
         f"{RES}/logs/train/{{protein}}/{{size}}/{{method}}/run{{run}}.log",
     benchmark:
@@ -35,6 +37,8 @@ rule emc:
         poses_train=f"{RES}/reconstructions/{{protein}}/{{size}}/emc/run{{run}}/poses_train.h5",
         poses_test=f"{RES}/reconstructions/{{protein}}/{{size}}/emc/run{{run}}/poses_test.h5",
         metrics=f"{RES}/reconstructions/{{protein}}/{{size}}/emc/run{{run}}/metrics.csv",
+    params:
+        config=config_keys("detector", "beam", "volume", "emc"),
     log:
         f"{RES}/logs/emc/{{protein}}/{{size}}/run{{run}}.log",
     benchmark:
@@ -54,6 +58,8 @@ rule select_best:
         amplitudes=run_outputs,
     output:
         best=f"{RES}/reconstructions/{{protein}}/{{size}}/{{method}}/best.json",
+    params:
+        config=config_keys("train.select_best_by"),
     log:
         f"{RES}/logs/select_best/{{protein}}/{{size}}/{{method}}.log",
     conda:

@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from xrai.imaging import ImagingModel
+from xrai.recon.likelihood import estimate_fluence, fitted_poisson_nll
 from xrai.recon.losses import SymmetrizedLoss
 from xrai.recon.recipe import Batch, Recipe
 from xrai.rotations import (
@@ -79,6 +80,13 @@ MIN_WEIGHT = 1e-2
 
 # --------------------------------------------------------------------------- settings
 
+#: ``train.xrai.poisson``'s defaults: at a few thousand photons per pattern an image's pose is
+#: uncertain by ~1.5 degrees even against the true volume, and the encoder's guess is often
+#: further off, so inference scores every pixel, starts the pattern search at 8 degrees and adds
+#: the 15-degree grid to the encoder's candidates (docs/method.md, "Photon counts": measured)
+POISSON_OVERRIDES = {"infer_pixels": 4096, "infer_refine_deg": [8.0, 4.0, 2.0, 1.0, 0.5, 0.25],
+                     "infer_search_level": 2}
+
 
 @dataclass(frozen=True)
 class XraiSettings:
@@ -95,12 +103,17 @@ class XraiSettings:
     refine_deg: tuple[float, ...] = (8.0, 4.0, 2.0, 1.0, 0.5)
     infer_refine_deg: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5, 0.25)
     infer_pixels: int = 512
+    infer_search_level: int = -1
     memory_images: tuple[int, int] = (2048, 8192)
 
     @classmethod
-    def from_config(cls, cfg: dict) -> XraiSettings:
-        """Read ``train.xrai`` (missing keys take the defaults above)."""
+    def from_config(cls, cfg: dict, likelihood: str = "gaussian") -> XraiSettings:
+        """Read ``train.xrai`` (missing keys take the defaults above); with the Poisson likelihood its
+        ``poisson`` entries override the others (:data:`POISSON_OVERRIDES` where the config has none)."""
         x = dict(cfg.get("train", {}).get("xrai", {}) or {})
+        poisson = x.pop("poisson", None)
+        if likelihood == "poisson":
+            x.update(POISSON_OVERRIDES if poisson is None else poisson)
         d = cls()
         return cls(
             heads=int(x.get("heads", d.heads)),
@@ -114,6 +127,7 @@ class XraiSettings:
             refine_deg=tuple(float(v) for v in x.get("refine_deg", d.refine_deg)),
             infer_refine_deg=tuple(float(v) for v in x.get("infer_refine_deg", d.infer_refine_deg)),
             infer_pixels=int(x.get("infer_pixels", d.infer_pixels)),
+            infer_search_level=int(x.get("infer_search_level", d.infer_search_level)),
             memory_images=tuple(int(v) for v in x.get("memory_images", d.memory_images)),
         )
 
@@ -201,6 +215,9 @@ class MultiHeadPoseEncoder(nn.Module):
 class MergedVoxelVolume(nn.Module):
     """Amplitude volume ``scale * radial(|k|) * v(k)`` with ``v = weighted_sum / weight`` merged from images.
 
+    ``intensity=True`` (the Poisson likelihood): ``v`` is the *intensity* relative to the
+    radial profile squared, and the amplitude is ``scale * radial(|k|) * sqrt(v)``.
+
     ``weighted_sum`` and ``weight`` are buffers on the ``grid`` (checkpointed with the
     model). :meth:`merge` decays them and splats new values trilinearly at ``k`` and
     ``-k`` (Friedel's law). Unobserved voxels read ``v = 1`` (the radial mean).
@@ -212,9 +229,10 @@ class MergedVoxelVolume(nn.Module):
         amp = vol(torch.zeros(5, 3))            # amplitude at k = 0
     """
 
-    def __init__(self, grid: ReciprocalGrid) -> None:
+    def __init__(self, grid: ReciprocalGrid, intensity: bool = False) -> None:
         super().__init__()
         self.grid = grid
+        self.intensity = bool(intensity)
         n = grid.size
         self.register_buffer("weighted_sum", torch.zeros(n, n, n))
         self.register_buffer("weight", torch.zeros(n, n, n))
@@ -242,8 +260,9 @@ class MergedVoxelVolume(nn.Module):
         return sample_volume(self.relative, k, self.grid)
 
     def forward(self, k: torch.Tensor) -> torch.Tensor:
-        """Amplitude at ``k`` (..., 3): ``scale * radial(|k|) * v(k)``."""
-        return self.scale * self.radial_at(k.norm(dim=-1)) * self.sample_relative(k)
+        """Amplitude at ``k`` (..., 3): ``scale * radial(|k|) * v(k)`` (``sqrt(v)`` for an intensity volume)."""
+        v = self.sample_relative(k)
+        return self.scale * self.radial_at(k.norm(dim=-1)) * (v.clamp_min(0).sqrt() if self.intensity else v)
 
     @torch.no_grad()
     def sample_grid(self, coordinates: torch.Tensor, chunk: int = 262144) -> torch.Tensor:
@@ -253,12 +272,18 @@ class MergedVoxelVolume(nn.Module):
         return out.reshape(coordinates.shape[:-1])
 
     @torch.no_grad()
-    def merge(self, k: torch.Tensor, values: torch.Tensor, decay: float) -> None:
-        """``sums <- decay * sums + splat(values at k and -k)``; then :meth:`refresh`."""
+    def merge(self, k: torch.Tensor, values: torch.Tensor, decay: float, weights: torch.Tensor | None = None) -> None:
+        """``sums <- decay * sums + splat(values at k and -k)``, ``weight <- decay * weight + splat(weights)``
+        (``weights`` 1 if not given: ``v`` is then the mean value); then :meth:`refresh`.
+
+        The Poisson merge passes the counts as ``values`` and ``phi * expected`` as ``weights``:
+        ``v = sum counts / sum phi * profile``, the M-step of Poisson EM (hard assignments).
+        """
         k = k.reshape(-1, 3)
         values = values.reshape(-1)
         k = torch.cat([k, -k])
         values = torch.cat([values, values])
+        wts = None if weights is None else torch.cat([weights.reshape(-1)] * 2).to(values.dtype)
         n = self.grid.size
         idx = k / self.grid.dq + n // 2
         i0 = idx.floor().long()
@@ -273,7 +298,7 @@ class MergedVoxelVolume(nn.Module):
             ii = ii.clamp(0, n - 1)
             lin = (ii[:, 0] * n + ii[:, 1]) * n + ii[:, 2]
             acc_v.index_add_(0, lin, w * values)
-            acc_w.index_add_(0, lin, w)
+            acc_w.index_add_(0, lin, w if wts is None else w * wts)
         self.weighted_sum.mul_(decay).add_(acc_v.reshape(n, n, n))
         self.weight.mul_(decay).add_(acc_w.reshape(n, n, n))
         self.refresh()
@@ -311,20 +336,31 @@ class XraiModel(nn.Module):
 
     def render(self, R: torch.Tensor) -> torch.Tensor:
         """Predicted amplitude images (B, H, W) for poses ``R`` (B, 3, 3)."""
-        return self.profile * self.decoder.sample_relative(self.imaging.coordinates(R))
+        v = self.decoder.sample_relative(self.imaging.coordinates(R))
+        return self.profile * (v.clamp_min(0).sqrt() if self.decoder.intensity else v)
+
+    def expected_counts(self, k: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        """Expected signal photons at unit fluence (..., P) of an intensity volume at ``k`` (..., P, 3) on ``pixels``."""
+        return self.profile.reshape(-1)[pixels] ** 2 * self.decoder.sample_relative(k).clamp_min(0)
 
 
 # --------------------------------------------------------------------------- pose scoring
 
 
-def candidate_losses(model: XraiModel, R: torch.Tensor, z: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+def candidate_losses(model: XraiModel, R: torch.Tensor, z: torch.Tensor, pixels: torch.Tensor,
+                     background: torch.Tensor | None = None) -> torch.Tensor:
     """Per-candidate loss ``(B, C)`` of poses ``R`` (B, C, 3, 3) for normalised pixels ``z`` (B, P).
 
-    The squared error on the ``pixels`` (indices into the flattened detector) after the
-    best non-negative scale per image and candidate (least squares, closed form), so that
-    the ranking does not depend on the volume's overall brightness while it forms.
+    Gaussian (an amplitude volume): the squared error on the ``pixels`` (indices into the
+    flattened detector) after the best non-negative scale per image and candidate (least
+    squares, closed form), so that the ranking does not depend on the volume's overall
+    brightness while it forms. Poisson (an intensity volume, ``z`` = raw counts): the
+    negative log-likelihood per pixel at each candidate's maximum-likelihood fluence,
+    with the expected ``background`` (P,) photons added.
     """
     k = torch.einsum("bcij,pj->bcpi", R, model.q_pixels[pixels])
+    if model.decoder.intensity:
+        return fitted_poisson_nll(z[:, None, :], model.expected_counts(k, pixels), background)
     y = model.decoder.sample_relative(k)
     zc = z[:, None, :]
     c = ((zc * y).sum(-1) / (y * y).sum(-1).clamp_min(1e-12)).clamp_min(0)
@@ -332,20 +368,35 @@ def candidate_losses(model: XraiModel, R: torch.Tensor, z: torch.Tensor, pixels:
 
 
 def grid_search(model: XraiModel, grid_R: torch.Tensor, z: torch.Tensor, pixels: torch.Tensor,
-                chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+                chunk: int = 8192, background: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rotation of ``grid_R`` (M, 3, 3) per image and its loss (the same loss as :func:`candidate_losses`).
 
     The slices of all M rotations at the ``pixels`` are computed once; the loss of every
-    (image, rotation) pair is then a matrix product: ``|z|^2 - max(z.s, 0)^2 / |s|^2``.
+    (image, rotation) pair is then a matrix product: Gaussian ``|z|^2 - max(z.s, 0)^2 / |s|^2``;
+    Poisson without background ``(C - c.log(mu) + C log(sum mu / C)) / P``. With a
+    background the Poisson loss is evaluated per pair, 256 rotations at a time.
     """
     best_l = torch.full((z.shape[0],), math.inf, device=z.device)
     best_i = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
     zz = (z * z).sum(1, keepdim=True)
     q = model.q_pixels[pixels]
+    poisson = model.decoder.intensity
+    with_background = poisson and background is not None and bool((background > 0).any())
+    if with_background:
+        chunk = min(chunk, 256)
     for start in range(0, grid_R.shape[0], chunk):
         Rc = grid_R[start:start + chunk]
-        s = model.decoder.sample_relative(torch.einsum("mij,pj->mpi", Rc, q))
-        loss = (zz - (z @ s.T).clamp_min(0) ** 2 / (s * s).sum(1).clamp_min(1e-12)) / z.shape[1]
+        k = torch.einsum("mij,pj->mpi", Rc, q)
+        if with_background:
+            loss = fitted_poisson_nll(z[:, None, :], model.expected_counts(k, pixels)[None], background)
+        elif poisson:
+            mu = model.expected_counts(k, pixels)
+            c_sum = z.sum(1, keepdim=True)
+            loss = (c_sum - z @ torch.log(mu.clamp_min(1e-6)).T + c_sum * torch.log(mu.sum(1).clamp_min(1e-30))[None]
+                    - torch.xlogy(c_sum, c_sum)) / z.shape[1]
+        else:
+            s = model.decoder.sample_relative(k)
+            loss = (zz - (z @ s.T).clamp_min(0) ** 2 / (s * s).sum(1).clamp_min(1e-12)) / z.shape[1]
         lmin, imin = loss.min(dim=1)
         better = lmin < best_l
         best_l = torch.where(better, lmin, best_l)
@@ -354,7 +405,8 @@ def grid_search(model: XraiModel, grid_R: torch.Tensor, z: torch.Tensor, pixels:
 
 
 def refine_poses(model: XraiModel, R: torch.Tensor, z: torch.Tensor, pixels: torch.Tensor,
-                 steps_deg: tuple[float, ...], iterations: int = 1) -> torch.Tensor:
+                 steps_deg: tuple[float, ...], iterations: int = 1, background: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """Pattern search: move each pose by the best of the identity and +-step about x, y, z, for each step size.
 
     A fixed number of volume lookups per image: ``7 * len(steps_deg) * iterations * P``.
@@ -364,7 +416,7 @@ def refine_poses(model: XraiModel, R: torch.Tensor, z: torch.Tensor, pixels: tor
         moves = pattern_moves(step, R.device)
         for _ in range(iterations):
             C = R[:, None] @ moves[None]
-            R = C[b, candidate_losses(model, C, z, pixels).argmin(dim=1)]
+            R = C[b, candidate_losses(model, C, z, pixels, background).argmin(dim=1)]
     return R
 
 
@@ -374,10 +426,20 @@ def encoder_candidates(R_heads: torch.Tensor) -> torch.Tensor:
     return (R_heads[:, :, None] @ f).reshape(R_heads.shape[0], -1, 3, 3)
 
 
-def rendered_loss(model: XraiModel, batch: Batch, R: torch.Tensor, branch: torch.Tensor) -> SymmetrizedLoss:
-    """Per-image L2 between the batch's amplitudes and the volume rendered at poses ``R`` (evaluation)."""
+def rendered_loss(model: XraiModel, batch: Batch, R: torch.Tensor, branch: torch.Tensor,
+                  mask: torch.Tensor | None = None, background: torch.Tensor | None = None) -> SymmetrizedLoss:
+    """Per-image loss of the volume rendered at poses ``R`` on the unmasked pixels (evaluation).
+
+    Gaussian: the L2 between amplitudes. Poisson (an intensity volume): the negative
+    log-likelihood per pixel of the raw counts at the fitted fluence, background included.
+    """
     prediction = model.render(R)
-    per_image = ((prediction - batch.amplitude) ** 2).flatten(1).mean(1)
+    keep = torch.ones(prediction.shape[1:], dtype=torch.bool, device=R.device) if mask is None else mask
+    if model.decoder.intensity:
+        bg = None if background is None else background[keep]
+        per_image = fitted_poisson_nll(batch.counts[:, keep], prediction[:, keep] ** 2, bg)
+    else:
+        per_image = ((prediction - batch.amplitude)[:, keep] ** 2).mean(1)
     return SymmetrizedLoss(per_image.mean(), per_image, branch, R, prediction)
 
 
@@ -391,7 +453,13 @@ def distillation_loss(R_heads: torch.Tensor, R_target: torch.Tensor) -> torch.Te
 
 
 class XraiRecipe(Recipe):
-    """``method: xrai``: the search-bootstrapped, amortized recipe of this module's docstring."""
+    """``method: xrai``: the search-bootstrapped, amortized recipe of this module's docstring.
+
+    With the Poisson likelihood (``train.likelihood``, docs/method.md "Photon counts") the
+    volume holds intensity, candidates are scored by the Poisson log-likelihood of the raw
+    counts at a fitted per-image fluence, and the merge is Poisson EM's
+    ``sum counts / sum phi * profile``. Masked pixels enter no score, merge or loss.
+    """
 
     name = "xrai"
 
@@ -400,66 +468,147 @@ class XraiRecipe(Recipe):
         self.settings = XraiSettings.from_config(cfg)
         self._grid_R: torch.Tensor | None = None
 
+    def configure(self, dataset: Any) -> None:
+        """The base's likelihood, mask and background; then the settings for that likelihood."""
+        super().configure(dataset)
+        self.settings = XraiSettings.from_config(self.cfg, self.likelihood)
+        self._grid_R = None
+
+    @property
+    def poisson(self) -> bool:
+        return self.likelihood == "poisson"
+
     # -- model
     def build_model(self, imaging: ImagingModel) -> XraiModel:
         s = self.settings
         grid = imaging.reconstruction_grid(int(self.cfg.get("volume", {}).get("grid_size", 64)))
         encoder = MultiHeadPoseEncoder(imaging.image_shape, heads=s.heads, width=s.encoder_width,
                                        generator=torch.Generator().manual_seed(int(torch.initial_seed()) % 2**62))
-        return XraiModel(encoder, MergedVoxelVolume(grid), imaging)
+        return XraiModel(encoder, MergedVoxelVolume(grid, intensity=self.poisson), imaging)
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """Adam on the encoder only (the volume is merged, not learned by gradient)."""
         return torch.optim.Adam(model.encoder.parameters(), lr=self.settings.lr)
 
+    def _mask(self, model: XraiModel) -> torch.Tensor:
+        shape = model.imaging.image_shape
+        m = self.mask if self.mask is not None else torch.ones(shape, dtype=torch.bool)
+        return m.to(model.profile.device)
+
+    def _background(self, model: XraiModel) -> torch.Tensor:
+        shape = model.imaging.image_shape
+        b = self.background if self.background is not None else torch.zeros(shape)
+        return b.to(model.profile.device).reshape(-1)
+
     @torch.no_grad()
     def prepare(self, model: XraiModel, dataset: Any, device: torch.device) -> None:
-        """The radial amplitude profile from the data, and a first volume merged at random poses."""
+        """The radial amplitude profile from the data (unmasked pixels), and a first volume merged at random poses.
+
+        Poisson: the profile is the square root of the radial mean of ``counts - background``;
+        Gaussian: the radial mean of the amplitudes.
+        """
         s = self.settings
         n = min(len(dataset), max(PROFILE_IMAGES, s.memory_images[0]))
-        amp = torch.cat([Batch(dataset.read(i, min(i + 1024, n)), device).amplitude for i in range(0, n, 1024)])
+        batches = [self.batch(dataset.read(i, min(i + 1024, n)), device) for i in range(0, n, 1024)]
+        data = torch.cat([b.counts if self.poisson else b.amplitude for b in batches])
         dec = model.decoder
+        mask = self._mask(model).reshape(-1).to(device).float()
         q_abs = model.imaging.pixel_coordinates.norm(dim=-1).reshape(-1)
         # amplitude without the detector's known factors: form_image of ones is that factor
-        factor = model.imaging.form_image(torch.ones(1, *model.imaging.image_shape, device=amp.device))[0]
-        flat = (amp / factor).reshape(amp.shape[0], -1).mean(0)
+        factor = model.imaging.form_image(torch.ones(1, *model.imaging.image_shape, device=data.device))[0].reshape(-1)
+        if self.poisson:
+            flat = ((data.reshape(data.shape[0], -1).mean(0) - self._background(model)) / factor**2).clamp_min(0)
+        else:
+            flat = (data.reshape(data.shape[0], -1) / factor).mean(0)
         t = (q_abs / dec.grid.q_max * (PROFILE_BINS - 1)).clamp(0, PROFILE_BINS - 1)
         i0 = t.floor().long().clamp(max=PROFILE_BINS - 2)
         f = t - i0
-        num = torch.zeros(PROFILE_BINS, device=device).index_add_(0, i0, flat * (1 - f)).index_add_(0, i0 + 1, flat * f)
-        den = torch.zeros(PROFILE_BINS, device=device).index_add_(0, i0, 1 - f).index_add_(0, i0 + 1, f)
+        num = torch.zeros(PROFILE_BINS, device=device).index_add_(0, i0, mask * flat * (1 - f))
+        num.index_add_(0, i0 + 1, mask * flat * f)
+        den = torch.zeros(PROFILE_BINS, device=device).index_add_(0, i0, mask * (1 - f)).index_add_(0, i0 + 1, mask * f)
         radial = num / den.clamp_min(1e-6)
-        # bins without pixels (beyond the corner, or near q = 0) take the nearest observed value
+        # bins without pixels (beyond the corner, near q = 0, behind the beam stop) take the nearest observed value
         seen = den > 1e-3
         idx = torch.arange(PROFILE_BINS, device=device)
         nearest = idx[seen][(idx[:, None] - idx[seen][None]).abs().argmin(dim=1)]
         radial = radial[nearest]
-        scale = float(flat.mean().clamp_min(1e-20))
+        if self.poisson:  # amplitudes: the square root of the intensity profile
+            radial = radial.clamp_min(1e-12 * float(radial.max().clamp_min(1e-30))).sqrt()
+            flat = flat.sqrt()
+        scale = float(((flat * mask).sum() / mask.sum()).clamp_min(1e-20))
         dec.scale.fill_(scale)
         dec.radial.copy_(radial / scale)
         model.update_profile()
-        self.initial_volume(model, amp)
-        logger.info("xrai: radial profile from %d images (mean amplitude %.4g); volume %d^3", len(amp), scale,
-                    dec.grid.size)
+        self.initial_volume(model, data)
+        logger.info("xrai: radial profile from %d images (mean amplitude %.4g, %s likelihood); volume %d^3",
+                    len(data), scale, self.likelihood, dec.grid.size)
 
     @torch.no_grad()
-    def initial_volume(self, model: XraiModel, amp: torch.Tensor) -> None:
-        """The first volume: images at random poses (a near-isotropic start that breaks the symmetry)."""
+    def initial_volume(self, model: XraiModel, data: torch.Tensor) -> None:
+        """The first volume: images (amplitudes, or counts for Poisson) at random poses (a near-isotropic start)."""
         s = self.settings
-        dec = model.decoder
-        m = min(len(amp), s.memory_images[0])
-        R0 = quaternion_to_matrix(random_quaternions(m)).float().to(amp.device)
+        m = min(len(data), s.memory_images[0])
+        R0 = quaternion_to_matrix(random_quaternions(m)).float().to(data.device)
         pixels = self._pixels_within(model, s.q_fraction(0))
-        z = model.normalise(amp[:m]).reshape(m, -1)[:, pixels]
-        k = torch.einsum("bij,pj->bpi", R0, model.q_pixels[pixels])
-        dec.merge(k, z, decay=0.0)
+        merged = data[:m] if self.poisson else model.normalise(data[:m]) * self._mask(model)  # z for Gaussian
+        self._merge(model, R0, merged.reshape(m, -1), pixels, decay=0.0)
         logger.info("xrai: first volume merged from %d images at random poses", m)
 
     # -- helpers
-    @staticmethod
-    def _pixels_within(model: XraiModel, fraction: float) -> torch.Tensor:
+    def _pixels_within(self, model: XraiModel, fraction: float) -> torch.Tensor:
+        """Unmasked pixels (flat indices) with ``|q| <= fraction`` of the corner."""
         q_abs = model.imaging.pixel_coordinates.norm(dim=-1).reshape(-1)
-        return torch.nonzero(q_abs <= fraction * float(q_abs.max()) * (1 + 1e-6)).flatten()
+        keep = (q_abs <= fraction * float(q_abs.max()) * (1 + 1e-6)) & self._mask(model).reshape(-1)
+        return torch.nonzero(keep).flatten()
+
+    def observe(self, model: XraiModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scored (B, H*W), encoder input (B, H, W))`` of a batch.
+
+        Gaussian: both are ``z = amplitude / profile``. Poisson: the scores use the raw
+        counts; the encoder sees ``sqrt(counts / (phi0 * profile^2))`` with ``phi0`` the
+        fluence fitted to the radial profile (so its input does not depend on the pulse).
+        Masked pixels read 0 in the encoder's input.
+        """
+        mask = self._mask(model)
+        B = len(batch)
+        if not self.poisson:
+            z = model.normalise(batch.amplitude) * mask
+            return z.reshape(B, -1), z
+        counts = batch.counts.reshape(B, -1)
+        keep = mask.reshape(-1)
+        expected = model.profile.reshape(-1) ** 2
+        phi0 = estimate_fluence(counts[:, keep], expected[keep], self._background(model)[keep]).clamp_min(1e-12)
+        z = (counts / (phi0[:, None] * expected.clamp_min(1e-20))).sqrt() * keep
+        return counts, z.reshape(batch.counts.shape)
+
+    def _score_background(self, model: XraiModel, pixels: torch.Tensor) -> torch.Tensor | None:
+        if not self.poisson:
+            return None
+        bg = self._background(model)[pixels]
+        return bg if bool((bg > 0).any()) else None
+
+    @torch.no_grad()
+    def _merge(self, model: XraiModel, R: torch.Tensor, data: torch.Tensor, pixels: torch.Tensor,
+               decay: float) -> None:
+        """Merge images (``data`` (B, H*W): z, or counts for Poisson) at poses ``R`` on ``pixels``.
+
+        Poisson: the fluence of every image is fitted at its pose, the counts are split into
+        their expected signal share ``c * phi mu / (phi mu + b)`` when there is a background,
+        and merged with weights ``phi * profile^2`` (Poisson EM's M-step).
+        """
+        k = torch.einsum("bij,pj->bpi", R, model.q_pixels[pixels])
+        values = data[:, pixels]
+        if not self.poisson:
+            model.decoder.merge(k, values, decay)
+            return
+        bg = self._score_background(model, pixels)
+        mu = model.expected_counts(k, pixels)
+        phi = estimate_fluence(values, mu, bg)
+        if bg is not None:
+            signal = phi[:, None] * mu
+            values = values * signal / (signal + bg).clamp_min(1e-12)
+        weights = phi[:, None] * model.profile.reshape(-1)[pixels] ** 2
+        model.decoder.merge(k, values, decay, weights=weights.expand_as(values))
 
     def search_grid(self, device: torch.device) -> torch.Tensor:
         if self._grid_R is None or self._grid_R.device != device:
@@ -480,27 +629,26 @@ class XraiRecipe(Recipe):
         s = self.settings
         total = int(self.tcfg["steps"])
         B = len(batch)
-        z = model.normalise(batch.amplitude)
-        z_flat = z.reshape(B, -1)
+        data, z = self.observe(model, batch)
         inside = self._pixels_within(model, s.q_fraction(step))
         pixels = inside[torch.randperm(inside.numel(), device=inside.device)[: s.pixels]]
-        zp = z_flat[:, pixels]
+        zp = data[:, pixels]
+        bg = self._score_background(model, pixels)
 
         R_heads = model.encoder(z)
         with torch.no_grad():
             cands = encoder_candidates(R_heads.detach())
-            losses = candidate_losses(model, cands, zp, pixels)
+            losses = candidate_losses(model, cands, zp, pixels, bg)
             best_loss, best = losses.min(dim=1)
             target = cands[torch.arange(B), best]
             searched = torch.zeros(B, dtype=torch.bool, device=z.device)
             if step < s.search_steps:
-                R_grid, grid_loss = grid_search(model, self.search_grid(z.device), zp, pixels)
+                R_grid, grid_loss = grid_search(model, self.search_grid(z.device), zp, pixels, background=bg)
                 searched = grid_loss < best_loss
                 target = torch.where(searched[:, None, None], R_grid, target)
-            target = refine_poses(model, target, zp, pixels, s.refine_deg)
+            target = refine_poses(model, target, zp, pixels, s.refine_deg, background=bg)
             decay = max(0.0, 1.0 - B / s.memory(step, total))
-            k = torch.einsum("bij,pj->bpi", target, model.q_pixels[inside])
-            model.decoder.merge(k, z_flat[:, inside], decay)
+            self._merge(model, target, data, inside, decay)
 
         for group in optimizer.param_groups:
             group["lr"] = self._lr(step)
@@ -519,58 +667,65 @@ class XraiRecipe(Recipe):
 
     # -- inference
     @torch.no_grad()
-    def infer_poses(self, model: XraiModel, amplitude: torch.Tensor, refine: bool = True
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Poses (B, 3, 3) and branch (B,) int8 of amplitude images: encoder heads, best by loss, refined."""
+    def infer_poses(self, model: XraiModel, batch: Batch, refine: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Poses (B, 3, 3) and branch (B,) int8 of a batch: encoder heads, best by loss, refined."""
         s = self.settings
-        B = amplitude.shape[0]
-        z = model.normalise(amplitude)
-        z_flat = z.reshape(B, -1)
-        n_pix = z_flat.shape[1]
-        # a fixed, evenly spread pixel subset: deterministic inference
-        pixels = torch.linspace(0, n_pix - 1, min(n_pix, s.infer_pixels), device=z.device).round().long()
+        B = len(batch)
+        data, z = self.observe(model, batch)
+        usable = self._pixels_within(model, 1.0)
+        # a fixed, evenly spread subset of the unmasked pixels: deterministic inference
+        pick = torch.linspace(0, usable.numel() - 1, min(usable.numel(), s.infer_pixels), device=z.device)
+        pixels = usable[pick.round().long()]
+        bg = self._score_background(model, pixels)
         cands = encoder_candidates(model.encoder(z))
-        best = candidate_losses(model, cands, z_flat[:, pixels], pixels).argmin(dim=1)
+        best_loss, best = candidate_losses(model, cands, data[:, pixels], pixels, bg).min(dim=1)
         R = cands[torch.arange(B), best]
         branch = (best % 2).to(torch.int8)
+        if s.infer_search_level >= 0:  # a fixed grid as extra candidates: the same cost for every image
+            grid_R = quaternion_to_matrix(so3_grid(s.infer_search_level)).float().to(z.device)
+            R_grid, grid_loss = grid_search(model, grid_R, data[:, pixels], pixels, background=bg)
+            won = grid_loss < best_loss
+            R = torch.where(won[:, None, None], R_grid, R)
+            branch = torch.where(won, torch.zeros_like(branch), branch)
         if refine and s.infer_refine_deg:
-            R = refine_poses(model, R, z_flat[:, pixels], pixels, s.infer_refine_deg, iterations=2)
+            R = refine_poses(model, R, data[:, pixels], pixels, s.infer_refine_deg, iterations=2, background=bg)
         return R, branch
 
     @torch.no_grad()
     def infer(self, model: XraiModel, batch: Batch) -> SymmetrizedLoss:
-        return rendered_loss(model, batch, *self.infer_poses(model, batch.amplitude))
+        return rendered_loss(model, batch, *self.infer_poses(model, batch), mask=self._mask(model),
+                             background=self._background(model).reshape(model.imaging.image_shape))
 
 
 class XraiKnownPoseRecipe(XraiRecipe):
     """``method: xrai-known-pose``: the default recipe's merged volume at the *true* poses.
 
     The resolution bound of ``method: xrai`` (as ``known-pose`` is the bound of the paper's
-    FourierNet): the same radial normalisation and voxel grid, every pixel of every batch
-    merged at its true rotation, nothing forgotten. No encoder is trained; one pass over the
-    data (``steps * batch_size >= N``) merges every image once.
+    FourierNet): the same radial normalisation, likelihood and voxel grid, every unmasked
+    pixel of every batch merged at its true rotation, nothing forgotten. No encoder is
+    trained; one pass over the data (``steps * batch_size >= N``) merges every image once.
     """
 
     name = "xrai-known-pose"
     learns_poses = False
 
     @torch.no_grad()
-    def initial_volume(self, model: XraiModel, amp: torch.Tensor) -> None:
+    def initial_volume(self, model: XraiModel, data: torch.Tensor) -> None:
         """Start empty: every merged image sits at its true pose."""
 
     @torch.no_grad()
     def training_step(self, model: XraiModel, optimizer: torch.optim.Optimizer, batch: Batch, step: int) -> dict:
-        B = len(batch)
-        z_flat = model.normalise(batch.amplitude).reshape(B, -1)
-        R = batch.rotations.to(z_flat.dtype)
+        data, _ = self.observe(model, batch)
+        R = batch.rotations.to(data.dtype)
+        pixels = self._pixels_within(model, 1.0)
         # loss of the volume so far at the true poses (on the batch, before merging it): a progress measure
-        pixels = torch.arange(z_flat.shape[1], device=z_flat.device)
-        loss = candidate_losses(model, R[:, None], z_flat, pixels).mean()
-        k = torch.einsum("bij,pj->bpi", R, model.q_pixels)
-        model.decoder.merge(k, z_flat, decay=1.0)
-        return {"loss": float(loss)}
+        loss = candidate_losses(model, R[:, None], data[:, pixels], pixels, self._score_background(model, pixels))
+        self._merge(model, R, data, pixels, decay=1.0)
+        return {"loss": float(loss.mean())}
 
     @torch.no_grad()
     def infer(self, model: XraiModel, batch: Batch) -> SymmetrizedLoss:
         R = batch.rotations.to(batch.amplitude.dtype)
-        return rendered_loss(model, batch, R, torch.zeros(len(batch), dtype=torch.int8, device=R.device))
+        return rendered_loss(model, batch, R, torch.zeros(len(batch), dtype=torch.int8, device=R.device),
+                             mask=self._mask(model),
+                             background=self._background(model).reshape(model.imaging.image_shape))

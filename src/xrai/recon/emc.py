@@ -21,10 +21,14 @@ Poisson photon counts, Gaussian for noise-free data):
   variance per resolution shell ``s`` re-estimated every iteration (the EM update), so the
   weight of each shell follows how well the model already fits it.
 
-``phi = 1`` unless ``emc.per_image_scale``: then each (image, orientation) pair gets its
-maximum-likelihood scale (Poisson ``sum K / sum W``; Gaussian ``<K, W> / <W, W>``, clipped at 0),
-for data whose incident fluence varies. Images are divided by the scale the simulator
-recorded (``scale``), exactly as ``xrai train`` does.
+``phi = 1`` unless ``emc.per_image_scale`` (``auto``: on for Poisson): then each (image,
+orientation) pair gets its maximum-likelihood scale (Poisson ``sum K / sum W``; Gaussian
+``<K, W> / <W, W>``, clipped at 0), for data whose incident fluence varies. The Poisson
+likelihood reads the raw photon counts: dividing them by the simulator's ``scale`` (as the
+Gaussian path does, exactly as ``xrai train`` does for noise-free data) would turn a
+2,000-photon pattern into ~12 fractional "photons" and flatten the posterior to ``1 / M``
+(issue 17). Masked pixels (:attr:`xrai.data.hdf5.DiffractionDataset.mask`) are left out
+of every likelihood and merge. A background is not modelled here (a warning says so).
 
 Guarantee. The compress step is a generalised EM step: the merge gives a search
 direction, and the step along it is the exact maximiser in ``[0, 1]`` of the expected
@@ -82,6 +86,7 @@ from typing import Any
 import torch
 
 from xrai.errors import XraiError
+from xrai.recon.likelihood import LIKELIHOODS, resolve_likelihood
 from xrai.rotations import quaternion_to_matrix
 from xrai.so3grid import grid_size, so3_grid, so3_grid_weights
 from xrai.volume import ReciprocalGrid, trilinear
@@ -89,7 +94,6 @@ from xrai.volume import ReciprocalGrid, trilinear
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
-LIKELIHOODS = ("auto", "poisson", "gaussian")
 #: columns of metrics.csv (``step`` = iteration; test_pose_* only on the final row)
 METRIC_COLUMNS = (
     "step", "level", "n_orientations", "beta", "log_likelihood", "objective", "model_change", "merge_step", "mm_step",
@@ -115,11 +119,13 @@ _POINTS_PER_CALL = 1 << 22
 #: settings a resumed run must share with its checkpoint
 _RESUME_KEYS = ("levels", "level_iterations", "beta_start", "beta_factor", "beta_every", "beta_max",
                 "likelihood", "per_image_scale", "seed")
+#: what a checkpoint must share with the run that resumes it (else the run starts afresh)
+_CHECKPOINT_KEYS = ("method", "seed", "n_train", "likelihood", "settings", "config", "train_fingerprint")
 
 
 @dataclass
 class EMCSettings:
-    """The ``emc`` section of the config (see ``workflow/schemas/config.schema.yaml``)."""
+    """The ``emc`` section of the config (see ``src/xrai/schemas/config.schema.yaml``)."""
 
     n_iterations: int = 30
     levels: list[int] = field(default_factory=lambda: [1, 2, 3])
@@ -129,7 +135,7 @@ class EMCSettings:
     beta_every: int = 1
     beta_max: float = 1.0
     likelihood: str = "auto"
-    per_image_scale: bool = False
+    per_image_scale: bool | str = "auto"
     chunk_size: int = 1024
     tolerance: float = 1e-3
     device: str = "auto"
@@ -142,6 +148,9 @@ class EMCSettings:
                             f"(one per level of emc.levels = {self.levels} but the last), got {self.level_iterations}")
         if self.likelihood not in LIKELIHOODS:
             raise XraiError(f"config key 'emc.likelihood': {self.likelihood!r} is not one of {list(LIKELIHOODS)}")
+        if self.per_image_scale not in (True, False, "auto"):
+            raise XraiError(f"config key 'emc.per_image_scale': expected true, false or auto, "
+                            f"got {self.per_image_scale!r}")
         if not 0 < self.beta_start <= self.beta_max:
             raise XraiError(f"config key 'emc.beta': need 0 < start <= max, got start {self.beta_start}, "
                             f"max {self.beta_max}")
@@ -177,21 +186,6 @@ class EMCSettings:
         """True once the finest level and the final beta are reached (convergence may then stop the run)."""
         return (iteration >= sum(self.level_iterations)
                 and self.beta_at(iteration) >= self.beta_max * (1 - 1e-12))
-
-
-def resolve_likelihood(name: str, dataset: Any) -> str:
-    """``auto`` -> ``poisson`` when the dataset's ``scaling.poisson_noise`` attribute is true, else ``gaussian``."""
-    if name != "auto":
-        return name
-    scaling = getattr(dataset, "attrs", {}).get("scaling", {})
-    if isinstance(scaling, str):
-        import json
-
-        try:
-            scaling = json.loads(scaling)
-        except ValueError:
-            scaling = {}
-    return "poisson" if isinstance(scaling, dict) and scaling.get("poisson_noise") else "gaussian"
 
 
 # --------------------------------------------------------------------------- the algorithm
@@ -236,6 +230,7 @@ class ExpandMaximizeCompress:
         per_image_scale: bool = False,
         chunk_size: int = 1024,
         device: torch.device | str = "cpu",
+        mask: torch.Tensor | None = None,
     ) -> None:
         if likelihood not in ("poisson", "gaussian"):
             raise ValueError(f"likelihood must be 'poisson' or 'gaussian', got {likelihood!r}")
@@ -245,12 +240,16 @@ class ExpandMaximizeCompress:
         self.per_image_scale = bool(per_image_scale)
         self.chunk_size = int(chunk_size)
         self.image_shape = tuple(q_pixel.shape[:2])
-        self.q = q_pixel.reshape(-1, 3).to(self.device, torch.float32)
+        # the unmasked pixels (flat indices): the only ones EMC ever reads
+        keep = torch.ones(self.image_shape, dtype=torch.bool) if mask is None else mask.bool().cpu()
+        self.pixels = torch.nonzero(keep.reshape(-1)).flatten().to(self.device)
+        q_kept = q_pixel.reshape(-1, 3)[keep.reshape(-1)]
+        self.q = q_kept.to(self.device, torch.float32)
         self._origin = grid.to_normalized(torch.zeros(3, dtype=torch.float64)).float().to(self.device)
-        self._q_centred = grid.to_normalized(q_pixel.reshape(-1, 3).double()).float().to(self.device) - self._origin
+        self._q_centred = grid.to_normalized(q_kept.double()).float().to(self.device) - self._origin
         self._axis_flip = torch.eye(3, device=self.device).flip(0)
         n_pix = self.q.shape[0]
-        c = torch.ones(n_pix) if pixel_factor is None else pixel_factor.reshape(-1).double()
+        c = torch.ones(n_pix) if pixel_factor is None else pixel_factor.reshape(-1)[keep.reshape(-1)].double()
         self.c = (c / c.mean()).to(self.device, torch.float32)
         # resolution shells of the pixels (the Gaussian's variances), in grid voxels
         self.shell = torch.round(self.q.double().norm(dim=-1) / grid.dq).long().to(self.device)
@@ -266,15 +265,17 @@ class ExpandMaximizeCompress:
         """``(start, K (B, P) float32 on the device, raw batch)`` over the first ``stop`` images.
 
         ``B`` is ``chunk_size``, or fewer so that a (B, n_orientations) matrix stays within budget.
+        ``P`` counts the unmasked pixels only. Poisson: the raw counts; Gaussian: divided by
+        the simulator's ``scale`` where the file has one (noise-free data, as ``xrai train``).
         """
         n = len(dataset) if stop is None else min(stop, len(dataset))
         rows = max(16, min(self.chunk_size, _CHUNK_ELEMENTS // max(n_orientations, 1)))
         for start in range(0, n, rows):
             raw = dataset.read(start, min(start + rows, n))
             images = raw["images"].to(self.device, torch.float32)
-            if "scale" in raw:
+            if "scale" in raw and self.likelihood == "gaussian":
                 images = images / raw["scale"].to(self.device)[:, None, None]
-            yield start, images.reshape(images.shape[0], -1), raw
+            yield start, images.reshape(images.shape[0], -1)[:, self.pixels], raw
 
     # ---------------------------------------------------------------- expand
     def rotations(self, level: int) -> torch.Tensor:
@@ -688,12 +689,13 @@ def run_emc(
     iteration. On SIGTERM / SIGINT the run stops after the current iteration's checkpoint
     and raises :class:`xrai.recon.train.TrainingInterrupted`; rerunning resumes.
     """
+    from xrai.config import config_values
     from xrai.data.hdf5 import DiffractionDataset
     from xrai.io import provenance, write_json, write_run_metadata
     from xrai.recon.train import (
         StopRequest,
         TrainingInterrupted,
-        load_checkpoint,
+        resumable_checkpoint,
         rng_state,
         save_checkpoint,
         set_rng_state,
@@ -712,15 +714,19 @@ def run_emc(
     if train_ds.image_shape != test_ds.image_shape:
         raise XraiError(f"{test_data}: images {test_ds.image_shape} differ from the train set's {train_ds.image_shape}")
     grid = reciprocal_grid(cfg)
-    likelihood = resolve_likelihood(settings.likelihood, train_ds)
+    likelihood = resolve_likelihood(settings.likelihood, train_ds, key="emc.likelihood")
+    per_image_scale = (likelihood == "poisson") if settings.per_image_scale == "auto" else bool(settings.per_image_scale)
     ewald = train_ds.pixel_position_reciprocal
     pixel_factor = detector_pixel_factor(cfg, ewald).double() ** 2  # polarization x solid angle / mean
     emc = ExpandMaximizeCompress(grid, ewald, pixel_factor, likelihood=likelihood,
-                                 per_image_scale=settings.per_image_scale, chunk_size=settings.chunk_size,
-                                 device=device)
+                                 per_image_scale=per_image_scale, chunk_size=settings.chunk_size,
+                                 device=device, mask=train_ds.mask)
+    if bool((train_ds.background > 0).any()):
+        logger.warning("emc: %s has a background (%.3g photons per image); EMC does not model it",
+                       train_ds.path, float(train_ds.background[train_ds.mask].sum()))
     n_train = len(train_ds)
     logger.info("emc run %d: seed %d, %s likelihood%s, %d train images (%s), %d test, grid %d^3, levels %s, "
-                "%s (%d threads)", run, seed, likelihood, " + per-image scale" if settings.per_image_scale else "",
+                "%s (%d threads)", run, seed, likelihood, " + per-image scale" if per_image_scale else "",
                 n_train, train_ds.path, len(test_ds), grid.size,
                 [f"{lv} ({grid_size(lv)})" for lv in settings.levels], device, threads)
 
@@ -728,19 +734,16 @@ def run_emc(
     info = {"method": "emc", "run": int(run), "seed": seed, "n_train": n_train, "likelihood": likelihood,
             "train_data": str(Path(train_data).resolve()),
             # what changes the result; n_iterations, tolerance, chunk size and device may change on resume
-            "settings": {k: v for k, v in asdict(settings).items() if k in _RESUME_KEYS}}
+            "settings": {k: v for k, v in asdict(settings).items() if k in _RESUME_KEYS},
+            "config": config_values(cfg, ("detector", "beam", "volume")), "train_fingerprint": train_ds.fingerprint()}
     rows: list[dict] = []
     wall_before = 0.0
     iteration = 0
     converged = False
     best = torch.zeros(n_train, dtype=torch.int64)
     best_level = settings.level_at(0)
-    if ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        for key in ("method", "seed", "n_train", "likelihood", "settings"):
-            if state["info"].get(key) != info[key]:
-                raise XraiError(f"{ckpt_path}: written for {key}={state['info'].get(key)!r}, this run has "
-                                f"{info[key]!r}; delete the checkpoint (or use another --out-dir) to start afresh")
+    state = resumable_checkpoint(ckpt_path, info, _CHECKPOINT_KEYS)
+    if state is not None:
         emc.load_state_dict(state["model"])
         set_rng_state(state["rng"])
         iteration, rows, wall_before = int(state["iteration"]), list(state["metrics"]), float(state["wall_s"])

@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 #: an autoencoder: images (B, H, W) -> prediction (B, H, W), or (prediction, rotations (B, 3, 3))
 PredictFn = Callable[[torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
+#: a per-image loss: (prediction (B, H, W), target (B, H, W), weights or None) -> (B,)
+PixelLoss = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 @dataclass
@@ -75,26 +77,54 @@ def pixel_l2(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tens
     return sq.flatten(1).mean(dim=1)
 
 
-def plain_l2(pred_fn: PredictFn, images: torch.Tensor, weights: torch.Tensor | None = None) -> SymmetrizedLoss:
-    """The ordinary L2 loss with the same result type (branch 0 everywhere), e.g. for known poses."""
+def poisson_pixel_nll(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None,
+                      background: torch.Tensor | None = None) -> torch.Tensor:
+    """Poisson negative log-likelihood per image (B,) of the counts ``target**2`` given amplitudes ``prediction``.
+
+    ``target`` is the amplitude ``sqrt(counts)`` of raw photon counts; the rate is
+    ``phi * prediction**2 + background`` with ``phi`` the image's maximum-likelihood fluence
+    (fitted without gradient, :func:`xrai.recon.likelihood.estimate_fluence`). ``weights``
+    (e.g. the pixel mask) weight each pixel's term; the mean is over the weighted pixels.
+    """
+    from xrai.recon.likelihood import estimate_fluence
+
+    counts = (target**2).flatten(1)
+    mu = (prediction**2).flatten(1)
+    w = torch.ones_like(mu[:1]) if weights is None else torch.broadcast_to(weights, prediction.shape).flatten(1)
+    bg = torch.zeros_like(mu[:1]) if background is None else torch.broadcast_to(background, prediction.shape[1:])
+    bg = bg.reshape(1, -1)
+    with torch.no_grad():
+        phi = estimate_fluence(counts * w, mu * w, bg * w)
+    lam = (phi[:, None] * mu + bg).clamp_min(1e-6)
+    return ((lam - counts * torch.log(lam)) * w).sum(1) / w.sum(1).clamp_min(1e-12)
+
+
+def plain_l2(pred_fn: PredictFn, images: torch.Tensor, weights: torch.Tensor | None = None,
+             pixel_loss: PixelLoss = pixel_l2) -> SymmetrizedLoss:
+    """The ordinary L2 loss (or ``pixel_loss``) with the same result type (branch 0 everywhere), e.g. for known poses."""
     prediction, rotations = _split(pred_fn(images))
-    per_image = pixel_l2(prediction, images, weights)
+    per_image = pixel_loss(prediction, images, weights)
     branch = torch.zeros(images.shape[0], dtype=torch.int8, device=images.device)
     return SymmetrizedLoss(per_image.mean(), per_image, branch, rotations, prediction)
 
 
-def symmetrized_l2(pred_fn: PredictFn, images: torch.Tensor, weights: torch.Tensor | None = None) -> SymmetrizedLoss:
+def symmetrized_l2(pred_fn: PredictFn, images: torch.Tensor, weights: torch.Tensor | None = None,
+                   pixel_loss: PixelLoss = pixel_l2) -> SymmetrizedLoss:
     """Equation 4: per image, the smaller L2 loss of the image and of its pi rotation, each through ``pred_fn``.
 
     Both branches go through ``pred_fn`` (the whole autoencoder) in one batch of
     ``2 B`` images. ``weights`` (broadcastable to (B, H, W), detector frame) weight the
-    squared error of both branches alike. The gradient flows through the winning branch
-    only (the min), as in cryoAI.
+    squared error of both branches alike; the pi-rotated branch sees them rotated with
+    the image. The gradient flows through the winning branch only (the min), as in cryoAI.
+    ``pixel_loss`` replaces the L2 (e.g. :func:`poisson_pixel_nll` for photon counts).
     """
     b = images.shape[0]
     both = torch.cat([images, rotate_pi(images)], dim=0)
     prediction, rotations = _split(pred_fn(both))
-    per_branch = pixel_l2(prediction, both, weights).reshape(2, b)
+    if weights is not None and weights.dim() >= 2 and weights.shape[-2:] == images.shape[-2:]:
+        w2 = torch.broadcast_to(weights, images.shape)
+        weights = torch.cat([w2, rotate_pi(w2)], dim=0)
+    per_branch = pixel_loss(prediction, both, weights).reshape(2, b)
     per_image, winner = per_branch.min(dim=0)
     branch = winner.to(torch.int8)
     won_pi = winner.bool()

@@ -36,8 +36,9 @@ class KnownPoseRecipe(Recipe):
         return None
 
     def loss(self, model: Autoencoder, batch: Batch, step: int) -> SymmetrizedLoss:
-        return plain_l2(lambda amp: model(amp, batch.rotations), batch.amplitude)
+        weights, pixel_loss = self.pixel_terms(batch.amplitude.device)
+        return plain_l2(lambda amp: model(amp, batch.rotations), batch.amplitude, weights, pixel_loss)
 
     @torch.no_grad()
     def infer(self, model: Autoencoder, batch: Batch) -> SymmetrizedLoss:
-        return plain_l2(lambda amp: model(amp, batch.rotations), batch.amplitude)
+        return self.loss(model, batch, 0)

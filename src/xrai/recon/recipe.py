@@ -13,6 +13,7 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -20,7 +21,13 @@ import torch
 from torch import nn
 
 from xrai.imaging import ImagingModel
-from xrai.recon.losses import SymmetrizedLoss, symmetrized_l2
+from xrai.recon.losses import (
+    PixelLoss,
+    SymmetrizedLoss,
+    pixel_l2,
+    poisson_pixel_nll,
+    symmetrized_l2,
+)
 from xrai.recon.models import Autoencoder, FourierNet, VGGEncoder
 from xrai.rotations import quaternion_to_matrix
 
@@ -34,16 +41,20 @@ SCALE_IMAGES = 1024
 
 
 class Batch:
-    """One batch on the training device: ``amplitude`` (B, H, W) = sqrt(I), true rotations (B, 3, 3), ``index``.
+    """One batch on the training device: ``amplitude`` (B, H, W) = sqrt(I), ``counts`` (B, H, W) the images
+    as recorded, true rotations (B, 3, 3), ``index``.
 
-    ``I`` is the recorded image divided by the per-image ``scale`` the simulator applied
-    to reach its minimum total intensity (when the file stores it), so that every image
-    is a slice of one and the same intensity volume.
+    Gaussian likelihood (noise-free data): ``I`` is the recorded image divided by the
+    per-image ``scale`` the simulator applied to reach its minimum total intensity (when the
+    file stores it), so that every image is a slice of one and the same intensity volume.
+    Poisson likelihood (``poisson=True``): nothing is divided, ``I`` = the counts; the
+    recipe estimates each image's fluence itself (:mod:`xrai.recon.likelihood`).
     """
 
-    def __init__(self, raw: dict[str, torch.Tensor], device: torch.device) -> None:
-        images = raw["images"].to(device, non_blocking=True)
-        if "scale" in raw:
+    def __init__(self, raw: dict[str, torch.Tensor], device: torch.device, poisson: bool = False) -> None:
+        self.counts = raw["images"].to(device, non_blocking=True)
+        images = self.counts
+        if "scale" in raw and not poisson:
             images = images / raw["scale"].to(device)[:, None, None]
         self.amplitude = images.clamp_min(0).sqrt()
         self.rotations = quaternion_to_matrix(raw["orientations"].to(device).double()).float()
@@ -72,6 +83,28 @@ class Recipe:
     def __init__(self, cfg: dict) -> None:
         self.cfg = cfg
         self.tcfg = cfg["train"]
+        #: ``poisson`` or ``gaussian`` (``train.likelihood`` resolved by :meth:`configure`)
+        self.likelihood = "gaussian"
+        #: (H, W) bool: pixels that enter losses, merges and scores; (H, W) expected background photons
+        self.mask: torch.Tensor | None = None
+        self.background: torch.Tensor | None = None
+
+    def configure(self, dataset: Any) -> None:
+        """Before :meth:`build_model`: the likelihood (``train.likelihood``, ``auto`` from the dataset),
+        the dataset's pixel mask and background."""
+        from xrai.recon.likelihood import resolve_likelihood
+
+        self.likelihood = resolve_likelihood(str(self.tcfg.get("likelihood", "auto")), dataset)
+        shape = tuple(dataset.image_shape)
+        self.mask = getattr(dataset, "mask", torch.ones(shape, dtype=torch.bool)).bool()
+        self.background = getattr(dataset, "background", torch.zeros(shape)).float()
+        logger.info("%s: %s likelihood, %d of %d pixels unmasked, background %.3g photons per image",
+                    self.name, self.likelihood, int(self.mask.sum()), self.mask.numel(),
+                    float(self.background[self.mask].sum()))
+
+    def batch(self, raw: dict[str, torch.Tensor], device: torch.device) -> Batch:
+        """A :class:`Batch` for this recipe's likelihood."""
+        return Batch(raw, device, poisson=self.likelihood == "poisson")
 
     # -- model
     def build_decoder(self, q_max: float) -> FourierNet:
@@ -100,21 +133,33 @@ class Recipe:
     def prepare(self, model: Autoencoder, dataset: Any, device: torch.device) -> None:
         """Data-dependent set-up before step 0: the decoder's output unit = the data's mean amplitude."""
         raw = dataset.read(0, min(len(dataset), SCALE_IMAGES))
-        amp = Batch(raw, device).amplitude
+        amp = self.batch(raw, device).amplitude
         model.decoder.scale.fill_(float(amp.mean().clamp_min(1e-12)))
         logger.info("decoder output unit: mean amplitude %.4g (from %d images)", float(model.decoder.scale), len(amp))
 
     # -- per step
+    def pixel_terms(self, device: torch.device) -> tuple[torch.Tensor | None, PixelLoss]:
+        """``(weights, pixel_loss)`` of this recipe's losses: the mask as weights (None without one) and
+        the squared error (Gaussian) or the Poisson NLL of the counts with the dataset's background."""
+        weights = None
+        if self.mask is not None and not bool(self.mask.all()):
+            weights = self.mask.to(device).float()
+        if self.likelihood != "poisson":
+            return weights, pixel_l2
+        bg = None if self.background is None else self.background.to(device)
+        return weights, functools.partial(poisson_pixel_nll, background=bg)
+
     def loss(self, model: Autoencoder, batch: Batch, step: int) -> SymmetrizedLoss:
-        """The training loss of a batch (equation 4: symmetrized L2 through the whole autoencoder)."""
-        return symmetrized_l2(model, batch.amplitude, weights=None)
+        """The training loss of a batch (equation 4: symmetrized L2, or Poisson NLL, through the whole autoencoder)."""
+        weights, pixel_loss = self.pixel_terms(batch.amplitude.device)
+        return symmetrized_l2(model, batch.amplitude, weights=weights, pixel_loss=pixel_loss)
 
     def training_step(self, model: Autoencoder, optimizer: torch.optim.Optimizer, batch: Batch, step: int) -> dict:
         """One gradient step; returns scalars for the log (at least ``loss``)."""
         optimizer.zero_grad(set_to_none=True)
         out = self.loss(model, batch, step)
         # normalised units: the loss is in (amplitude / scale)^2, independent of the photon count
-        loss = out.loss / model.decoder.scale**2
+        loss = out.loss / model.decoder.scale**2 if self.likelihood == "gaussian" else out.loss
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), float(self.tcfg.get("grad_clip", 1.0)))
         optimizer.step()
@@ -124,7 +169,8 @@ class Recipe:
     @torch.no_grad()
     def infer(self, model: Autoencoder, batch: Batch) -> SymmetrizedLoss:
         """Poses (corrected by the winning branch) and per-image loss, in eval mode."""
-        return symmetrized_l2(model, batch.amplitude)
+        weights, pixel_loss = self.pixel_terms(batch.amplitude.device)
+        return symmetrized_l2(model, batch.amplitude, weights=weights, pixel_loss=pixel_loss)
 
     def state_dict(self) -> dict:
         """Extra recipe state to checkpoint (none here)."""

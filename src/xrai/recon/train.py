@@ -62,6 +62,11 @@ from xrai.xray.imaging import EwaldImaging
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+#: config keys a training run's result depends on (the rule train's params name the same ones)
+TRAINING_CONFIG_KEYS = ("detector", "beam", "volume", "train")
+#: what a checkpoint must share with the run that resumes it (else the run starts afresh)
+RESUME_KEYS = ("method", "seed", "n_train", "batch_size", "config", "likelihood", "train_fingerprint",
+               "test_fingerprint")
 #: columns of metrics.csv; the test_* ones are filled every train.eval_every steps
 METRIC_COLUMNS = (
     "step", "epoch", "loss", "lr", "images_per_s", "rss_mb", "wall_s",
@@ -137,11 +142,56 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write a checkpoint atomically (a kill during the write leaves the previous one intact)."""
+    """Write a checkpoint atomically (a kill during the write leaves the previous one intact).
+
+    Through a Python file, so a full disk surfaces as its OSError (one line from atomic_path).
+    """
     from xrai.io import atomic_path
 
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(state, fh)
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in _differences(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))]
+    return [] if old == new else [f"{prefix} {old!r} -> {new!r}"]
+
+
+def checkpoint_mismatch(saved: dict, current: dict, keys: tuple[str, ...]) -> str | None:
+    """Why a checkpoint's ``info`` (``saved``) does not fit this run's (``current``), or None if it does.
+
+    >>> checkpoint_mismatch({"config": {"train": {"steps": 300}}}, {"config": {"train": {"steps": 400}}}, ("config",))
+    'written with other config values (train.steps 300 -> 400)'
+    """
+    for key in keys:
+        old, new = saved.get(key), current.get(key)
+        if old == new:
+            continue
+        if old is None:
+            return f"written by an older xrai that did not record '{key}'"
+        if key == "config":
+            diffs = _differences(old, new)
+            more = f", and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+            return f"written with other config values ({', '.join(diffs[:3])}{more})"
+        if key.endswith("_fingerprint"):
+            return f"written for another {key.removesuffix('_fingerprint')} dataset (its contents differ)"
+        return f"written for {key}={old!r}, this run has {new!r}"
+    return None
+
+
+def resumable_checkpoint(path: Path, info: dict, keys: tuple[str, ...]) -> dict | None:
+    """The checkpoint at ``path`` if this run (``info``) may resume from it; None (with one log line
+    saying why) when it was written for another config or dataset, or there is none."""
+    if not path.exists():
+        return None
+    state = load_checkpoint(path)
+    why = checkpoint_mismatch(state["info"], info, keys)
+    if why is not None:
+        logger.warning("%s: %s; starting afresh", path, why)
+        return None
+    return state
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -206,11 +256,12 @@ def _fmt_time(seconds: float) -> str:
 # --------------------------------------------------------------------------- evaluation and outputs
 
 
-def _batches_of(dataset: Any, batch_size: int, device: torch.device, stop: int | None = None) -> Iterator[Batch]:
+def _batches_of(recipe: Recipe, dataset: Any, batch_size: int, device: torch.device,
+                stop: int | None = None) -> Iterator[Batch]:
     """Sequential batches of ``dataset`` (the first ``stop`` images if given)."""
     n = len(dataset) if stop is None else min(stop, len(dataset))
     for start in range(0, n, batch_size):
-        yield Batch(dataset.read(start, min(start + batch_size, n)), device)
+        yield recipe.batch(dataset.read(start, min(start + batch_size, n)), device)
 
 
 @torch.no_grad()
@@ -224,7 +275,8 @@ def evaluate_poses(recipe: Recipe, model: Autoencoder, batches: list[Batch]) -> 
         outs = [recipe.infer(model, b) for b in batches]
     finally:
         model.train(was_training)
-    scale2 = float(model.decoder.scale) ** 2
+    # Gaussian: in normalised units (amplitude / scale)^2; Poisson: negative log-likelihood per pixel
+    scale2 = float(model.decoder.scale) ** 2 if recipe.likelihood == "gaussian" else 1.0
     row: dict[str, Any] = {"test_loss": float(torch.cat([o.per_image for o in outs]).mean()) / scale2}
     if recipe.learns_poses:
         R_pred = torch.cat([o.rotations for o in outs]).double().cpu()
@@ -255,7 +307,7 @@ def write_poses(path: Path, recipe: Recipe, model: Autoencoder, dataset: Any, ba
             rot = f.create_dataset("rotations", (n, 3, 3), dtype="f4", chunks=(min(n, 4096), 3, 3))
             branch = f.create_dataset("branch", (n,), dtype="i1")
             index = f.create_dataset("index", (n,), dtype="i8")
-            for b in _batches_of(dataset, batch_size, device):
+            for b in _batches_of(recipe, dataset, batch_size, device):
                 lo, hi = int(b.index[0]), int(b.index[-1]) + 1
                 if recipe.learns_poses:
                     out = recipe.infer(model, b)
@@ -348,7 +400,7 @@ def train(
     a signal half-way). On SIGTERM / SIGINT the checkpoint is written and
     :class:`TrainingInterrupted` (a ``SystemExit``) is raised.
     """
-    from xrai.config import method_config
+    from xrai.config import config_values, method_config, step_config
     from xrai.io import provenance, write_run_metadata
     from xrai.utils import pick_device, resource_usage, seed_everything, set_cpu_threads
 
@@ -356,6 +408,7 @@ def train(
         if "methods" in (cfg.get("train") or {}):
             cfg = method_config(cfg, method)
         return train_cryoem(cfg, method, run, train_data, test_data, out_dir)
+    run_config = config_values(step_config(cfg, method=method), TRAINING_CONFIG_KEYS)
     cfg = method_config(cfg, method)
     tcfg = cfg["train"]
     out = Path(out_dir)
@@ -374,6 +427,7 @@ def train(
                 method, run, seed, total, batch_size, device, threads, train_ds.path, len(train_ds),
                 test_ds.path, len(test_ds))
 
+    recipe.configure(train_ds)
     seed_everything(seed)
     model = recipe.build_model(imaging_model(cfg, train_ds)).to(device)
     optimizer = recipe.build_optimizer(model)
@@ -383,16 +437,14 @@ def train(
 
     ckpt_path = out / "checkpoint.pt"
     info = {"method": method, "run": int(run), "seed": seed, "train_data": str(Path(train_data).resolve()),
-            "n_train": len(train_ds), "batch_size": batch_size}
+            "n_train": len(train_ds), "batch_size": batch_size, "config": run_config,
+            "likelihood": recipe.likelihood,
+            "train_fingerprint": train_ds.fingerprint(), "test_fingerprint": test_ds.fingerprint()}
     rows: list[dict] = []
     wall_before = 0.0
     window = None
-    if ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        for key in ("method", "seed", "n_train", "batch_size"):
-            if state["info"].get(key) != info[key]:
-                raise XraiError(f"{ckpt_path}: written for {key}={state['info'].get(key)!r}, this run has "
-                                f"{info[key]!r}; delete the checkpoint (or use another --out-dir) to start afresh")
+    state = resumable_checkpoint(ckpt_path, info, RESUME_KEYS)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         recipe.load_state_dict(state["recipe"])
@@ -416,7 +468,7 @@ def train(
             "window": {"losses": loss_window, "images": n_window}, "train_config": tcfg,
         })
 
-    eval_batches = list(_batches_of(test_ds, batch_size, device, stop=int(tcfg["eval_images"])))
+    eval_batches = list(_batches_of(recipe, test_ds, batch_size, device, stop=int(tcfg["eval_images"])))
     log_every, eval_every = int(tcfg["log_every"]), int(tcfg["eval_every"])
     ckpt_every = int(tcfg["checkpoint_every"])
     stop = StopRequest()
@@ -430,7 +482,7 @@ def train(
     try:
         with stop.installed():
             while step < total and stop.signum is None:
-                batch = Batch(stream.next(), device)
+                batch = recipe.batch(stream.next(), device)
                 stats = recipe.training_step(model, optimizer, batch, step)
                 step += 1
                 n_window += len(batch)
@@ -471,7 +523,8 @@ def train(
     # ---- outputs, written once at the end (each atomically)
     logger.info("training done at step %d (%.1f min); writing outputs to %s", step, wall / 60, out)
     prov = provenance(None, seed) | {"method": method, "run": int(run), "steps": step, "train_data": info["train_data"],
-                                      "test_data": str(Path(test_data).resolve()), "wall_s": wall}
+                                      "test_data": str(Path(test_data).resolve()), "wall_s": wall,
+                                      "likelihood": recipe.likelihood}
     attrs = {"method": method, "run": int(run), "step": step, "seed": seed}
     write_poses(out / "poses_test.h5", recipe, model, test_ds, batch_size, device,
                 attrs | {"dataset": str(Path(test_data).resolve())})

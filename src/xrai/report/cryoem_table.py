@@ -88,8 +88,8 @@ def write_tables(metrics_paths: list[str | Path], out_md: str | Path, out_csv: s
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``xrai table-cryoem``."""
     parser.add_argument("--metrics", nargs="+", required=True, metavar="JSON", help="cryo-EM metrics.json files")
-    parser.add_argument("--out-md", required=True, metavar="MD")
-    parser.add_argument("--out-csv", required=True, metavar="CSV")
+    parser.add_argument("--out-md", required=True, metavar="MD", help="Markdown tables to write")
+    parser.add_argument("--out-csv", required=True, metavar="CSV", help="CSV table to write")
 
 
 def run(args: argparse.Namespace) -> None:

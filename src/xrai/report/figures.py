@@ -311,7 +311,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kind", choices=["protein", "images"], required=True,
                         help="protein: densities, FSC, training, pose errors; images: Figure 1 analogue")
     parser.add_argument("--metrics", nargs="+", required=True, help="metrics.json files of one protein")
-    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--out-dir", required=True, metavar="DIR",
+                        help="folder for the figures (PNG and PDF; created if missing)")
 
 
 def run(args: argparse.Namespace) -> None:

@@ -170,9 +170,9 @@ def write_tables(metrics_paths: Sequence[str], csv_path: str, md_path: str, tex_
 
 def add_table_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", nargs="+", required=True, help="metrics.json files")
-    parser.add_argument("--csv", required=True)
-    parser.add_argument("--md", required=True)
-    parser.add_argument("--tex", required=True)
+    parser.add_argument("--csv", required=True, metavar="CSV", help="Table 1 as CSV, to write")
+    parser.add_argument("--md", required=True, metavar="MD", help="Table 1 as Markdown, to write")
+    parser.add_argument("--tex", required=True, metavar="TEX", help="Table 1 as a LaTeX tabular, to write")
 
 
 def run_table(args: argparse.Namespace) -> None:

@@ -94,6 +94,22 @@ class Beam:
         return {**asdict(self), "wavelength_A": self.wavelength_A}
 
 
+def ewald_q(pixel_positions_m: torch.Tensor, wavelength_A: float) -> torch.Tensor:
+    """Ewald-sphere coordinates ``q = (pixel_dir - z) / lambda`` (Angstrom^-1, no 2*pi) of pixel centres ``(..., 3)`` in m.
+
+    The sample sits at the origin and the beam travels along +z. Any detector geometry
+    (a flat square :class:`Detector`, a CXI file's basis vectors) goes through this one formula.
+
+    Usage::
+
+        q = ewald_q(Detector(32, 0.1, 0.2).pixel_positions_m(), 2.695)   # (32, 32, 3)
+    """
+    pos = torch.as_tensor(pixel_positions_m, dtype=torch.float64)
+    d = pos / pos.norm(dim=-1, keepdim=True)
+    d[..., 2] -= 1.0
+    return d / wavelength_A
+
+
 @dataclass(frozen=True)
 class Detector:
     """A flat square detector of ``n_pixels`` per side, ``side_m`` wide, ``distance_m`` from the sample."""
@@ -142,9 +158,7 @@ class Detector:
 
     def pixel_position_reciprocal(self, beam: Beam) -> torch.Tensor:
         """Exact Ewald-sphere coordinates ``q = (pixel_dir - z) / lambda``, Angstrom^-1 (no 2*pi), ``(H, W, 3)``."""
-        d = self.pixel_directions()
-        d[..., 2] -= 1.0
-        return d / beam.wavelength_A
+        return ewald_q(self.pixel_positions_m(), beam.wavelength_A)
 
     def polarization(self, beam: Beam | None = None) -> torch.Tensor:
         """Polarization factor ``|x_hat x pixel_dir|^2`` (beam polarized along x), ``(H, W)`` float64.

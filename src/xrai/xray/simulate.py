@@ -8,9 +8,12 @@ The physics follows skopi (see :mod:`xrai.xray.scattering` and :mod:`xrai.xray.g
 2. ``|F|^2`` is computed once on a ``simulation.mesh_size``^3 mesh covering the detector's |q|;
 3. each image is a trilinear slice of the mesh at ``k = R @ q_pixel`` for a uniformly random
    orientation, times ``fluence * r_e^2 * polarization * solid angle`` (photons);
-4. each image is scaled so that its total is at least ``simulation.min_total_intensity``
-   (the X-RAI paper's appendix A.1: 20,000 photons), the factor stored in ``scale``;
-5. optional Poisson noise (``simulation.poisson_noise``), in photons.
+4. each image is scaled by ``simulation.photon_scaling`` (by default so that its total is at
+   least ``simulation.min_total_intensity``, the X-RAI paper's appendix A.1: 20,000 photons;
+   or the beam's true fluence; or a fixed mean per pattern) times an optional per-pulse
+   fluence jitter, the factor stored in ``scale`` (:mod:`xrai.xray.photons`);
+5. an optional background (photons per pixel) is added, Poisson noise drawn
+   (``simulation.poisson_noise``), and masked pixels (beam stop, gaps, bad pixels) set to 0.
 
 Orientations and noise are reproducible from the split's seed alone (``simulation.seed``
 for every training set, ``simulation.test_seed`` for the test set), independent of the
@@ -21,8 +24,9 @@ Output (one file, or a master file of HDF5 virtual datasets over shards of
 ``simulation.shard_size`` images in ``<name>_shards/``, reading as one dataset):
 ``images`` (N, H, W) float32/float16 chunked in whole batches, ``orientations`` (N, 4)
 wxyz, ``scale`` (N,), ``pixel_position_reciprocal`` (H, W, 3) Angstrom^-1,
-``polarization`` and ``solid_angle`` (H, W), and attrs (geometry, beam, scaling, seed,
-version, resolved config). Files are written to a temporary name and renamed when
+``polarization`` and ``solid_angle`` (H, W), optional ``mask`` and ``background`` (H, W), and
+attrs (geometry, beam, scaling, seed, version, resolved config). With ``simulation.storage:
+sparse`` the images are stored as photon pixel lists instead (:class:`xrai.data.hdf5.DatasetWriter`). Files are written to a temporary name and renamed when
 complete; finished shards are reused when a killed job is restarted.
 
 Usage::
@@ -46,12 +50,19 @@ import numpy as np
 import torch
 
 from xrai import __version__
+from xrai.config import split_seed
 from xrai.data.hdf5 import DatasetWriter, write_sharded_master
 from xrai.errors import XraiError
 from xrai.io import atomic_path, provenance
 from xrai.rotations import random_quaternions
 from xrai.utils import pick_device, resource_usage, set_cpu_threads
 from xrai.xray.geometry import Beam, Detector
+from xrai.xray.photons import (
+    PhotonSettings,
+    dataset_factor_and_photons,
+    jitter_factors,
+    resolve_storage,
+)
 from xrai.xray.scattering import PatternSimulator, centred_positions, molecule_centre
 
 logger = logging.getLogger(__name__)
@@ -71,16 +82,6 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return z ^ (z >> np.uint64(31))
-
-
-def split_seed(cfg: dict, split: str) -> int:
-    """The seed of a split: ``simulation.seed`` (train) or ``simulation.test_seed`` (test)."""
-    sim = cfg["simulation"]
-    if split == "train":
-        return int(sim["seed"])
-    if split == "test":
-        return int(sim["test_seed"])
-    raise XraiError(f"split must be 'train' or 'test', got {split!r}")
 
 
 def _stream_base(seed: int, split: str, stream: int) -> int:
@@ -107,9 +108,14 @@ def orientations_for(seed: int, split: str, start: int, stop: int) -> torch.Tens
     return torch.cat(out)
 
 
+def _image_seeds(seed: int, split: str, stream: int, start: int, stop: int) -> np.ndarray:
+    """One seed per image ``[start, stop)`` of a random stream (2: Poisson, 3: fluence jitter)."""
+    base = np.uint64(_stream_base(seed, split, stream))
+    return _splitmix64(base + np.arange(start, stop, dtype=np.uint64))
+
+
 def _add_poisson_noise(images: torch.Tensor, seed: int, split: str, start: int) -> torch.Tensor:
-    base = np.uint64(_stream_base(seed, split, 2))
-    seeds = _splitmix64(base + np.arange(start, start + len(images), dtype=np.uint64))
+    seeds = _image_seeds(seed, split, 2, start, start + len(images))
     out = torch.empty_like(images)
     gen = torch.Generator()
     for i, s in enumerate(seeds):  # one stream per image: independent of the batch size
@@ -119,13 +125,31 @@ def _add_poisson_noise(images: torch.Tensor, seed: int, split: str, start: int) 
 
 
 # --------------------------------------------------------------------------- disk plan
-def dataset_bytes(cfg: dict, n_images: int) -> int:
-    """Bytes of one dataset of ``n_images`` (uncompressed: an upper bound with compression)."""
+def dataset_bytes(cfg: dict, n_images: int, photons_per_image: float | None = None) -> int:
+    """Bytes of one dataset of ``n_images`` (uncompressed: an upper bound with compression).
+
+    Sparse storage (``simulation.storage``) holds at most 4 bytes per photon plus two
+    offsets per image; it needs the expected photons per image (signal and background),
+    given as ``photons_per_image`` or known from ``photon_scaling.mode: mean_photons``;
+    without them the dense size is the bound.
+    """
+    sim = cfg["simulation"]
     n = int(cfg["detector"]["n_pixels"])
-    itemsize = 2 if cfg["simulation"].get("dtype", "float32") == "float16" else 4
+    itemsize = 2 if sim.get("dtype", "float32") == "float16" else 4
     per_image = n * n * itemsize + 4 * 8 + 4  # image, orientation (float64), scale
-    per_file = n * n * (3 * 4 + 4 + 8) + 64 * 1024  # pixel q, polarization, solid angle, metadata
-    n_files = 1 + (-(-n_images // int(cfg["simulation"]["shard_size"])) if n_images > cfg["simulation"]["shard_size"] else 0)
+    storage = sim.get("storage", "dense")
+    if storage != "dense" and sim.get("poisson_noise", False):
+        scaling = sim.get("photon_scaling", {})
+        if photons_per_image is None and scaling.get("mode") == "mean_photons":
+            from xrai.xray.photons import background_photons
+
+            bg = background_photons(sim, Detector.from_config(cfg))
+            photons_per_image = float(scaling.get("mean_photons", 2000)) + (float(bg.sum()) if bg is not None else 0.0)
+        if photons_per_image is not None:
+            sparse = 4 * min(float(photons_per_image), n * n) + 2 * 8 + 4 * 8 + 4
+            per_image = int(min(per_image, sparse) if storage == "auto" else sparse)
+    per_file = n * n * (3 * 4 + 4 + 8 + 1 + 4) + 64 * 1024  # pixel q, polarization, solid angle, mask, background, metadata
+    n_files = 1 + (-(-n_images // int(sim["shard_size"])) if n_images > sim["shard_size"] else 0)
     return int(n_images) * per_image + n_files * per_file
 
 
@@ -152,7 +176,10 @@ def disk_plan_table(cfg: dict) -> str:
     proteins = list(protein_entries(cfg))
     plan = planned_bytes(cfg)
     n = cfg["detector"]["n_pixels"]
-    lines = [f"| dataset ({n}x{n} px, {cfg['simulation'].get('dtype', 'float32')}) | bytes | size |", "|---|---:|---:|"]
+    sim = cfg["simulation"]
+    storage = sim.get("storage", "dense")
+    kind = sim.get("dtype", "float32") if storage == "dense" else f"{storage} storage; dense bound unless mean_photons"
+    lines = [f"| dataset ({n}x{n} px, {kind}) | bytes | size |", "|---|---:|---:|"]
     lines += [f"| {name}.h5 | {b} | {_human(b)} |" for name, b in plan.items()]
     total = sum(plan.values())
     lines.append(f"| per protein | {total} | {_human(total)} |")
@@ -211,8 +238,7 @@ def simulate_dataset(
     dtype = sim_cfg.get("dtype", "float32")
     batch = int(sim_cfg.get("batch_size", 256))
     shard_size = int(sim_cfg.get("shard_size", 1_000_000))
-    min_total = float(sim_cfg.get("min_total_intensity", 20000))
-    noise = bool(sim_cfg.get("poisson_noise", False))
+    photons = PhotonSettings.from_config(cfg, det)
     device = pick_device(sim_cfg.get("device", "auto"))
     if device.type == "cpu":
         set_cpu_threads(0)
@@ -238,8 +264,9 @@ def simulate_dataset(
         "detector": det.to_dict(),
         "beam": beam.to_dict(),
         "mesh_size": int(sim_cfg["mesh_size"]),
-        "scaling": {"min_total_intensity": min_total, "poisson_noise": noise, "unit": "photons",
-                    "intensity": "|F|^2 * fluence * r_e^2 * polarization * solid_angle * scale"},
+        "scaling": {"min_total_intensity": photons.min_total_intensity, "poisson_noise": photons.poisson_noise,
+                    "unit": "photons",
+                    "intensity": "|F|^2 * fluence * r_e^2 * polarization * solid_angle * scale + background"},
         "structure": str(structure),
         "structure_sha256": sha,
         "n_atoms": len(elements),
@@ -253,6 +280,8 @@ def simulate_dataset(
     }
     key_src = {k: attrs[k] for k in ("split", "seed", "detector", "beam", "mesh_size", "scaling", "structure_sha256", "xrai_version")}
     key_src["dtype"], key_src["compression"] = dtype, sim_cfg.get("compression", "none")
+    key_src["photons"] = {k: sim_cfg.get(k) for k in ("photon_scaling", "fluence_jitter", "beam_stop", "bad_pixels",
+                                                     "background", "storage")}
 
     def shard_key(rng: tuple[int, int]) -> str:
         return hashlib.sha256(json.dumps({**key_src, "range": rng}, sort_keys=True).encode()).hexdigest()
@@ -261,14 +290,28 @@ def simulate_dataset(
     if len(todo) < len(files):
         logger.info("%s: reusing %d finished shards", out, len(files) - len(todo))
     n_todo = sum(b - a for (a, b), _ in todo)
-    needed = int(dataset_bytes(cfg, n_images) * n_todo / n_images)
-    check_disk_space(out.parent, needed, f"simulating {n_images} images into {out}")
+    if photons.storage == "dense":  # fail before the mesh; sparse sizes need the calibrated photons
+        check_disk_space(out.parent, int(dataset_bytes(cfg, n_images) * n_todo / n_images),
+                         f"simulating {n_images} images into {out}")
 
     t0 = time.perf_counter()
     simulator = PatternSimulator.from_atoms(pos, elements, det, beam, int(sim_cfg["mesh_size"]), device=device)
     t_mesh = time.perf_counter() - t0
     logger.info("%s: |F|^2 of %d atoms on a %d^3 mesh in %.1f s on %s", structure.name, len(elements),
                 sim_cfg["mesh_size"], t_mesh, device)
+    factor, expected = dataset_factor_and_photons(photons, simulator)
+    storage = resolve_storage(photons, expected, det.n_pixels**2)
+    photon_attrs = {**photons.to_attrs(factor, expected), "storage": storage}
+    logger.info("%s: %s scaling, %.4g expected signal photons per pattern, %s storage", out.name, photons.mode,
+                expected, storage)
+    attrs["scaling"] = {**attrs["scaling"], **photon_attrs}
+    attrs.update(photon_scaling_mode=photons.mode, fluence_jitter=photons.fluence_jitter,
+                 poisson_noise=photons.poisson_noise, storage=storage,
+                 mask_config={k: sim_cfg.get(k, {}) for k in ("beam_stop", "bad_pixels")},
+                 background_config=sim_cfg.get("background", {}))
+    if storage != "dense":
+        needed = dataset_bytes(cfg, n_images, photons_per_image=expected + photon_attrs["background_photons_per_pattern"])
+        check_disk_space(out.parent, int(needed * n_todo / n_images), f"simulating {n_images} images into {out}")
 
     t1 = time.perf_counter()
     done = 0
@@ -278,14 +321,15 @@ def simulate_dataset(
             pixel_position_reciprocal=simulator.q_pixel.cpu(),
             polarization=det.polarization(beam), solid_angle=det.solid_angle(),
             dtype=dtype, chunk_rows=batch, compression=sim_cfg.get("compression", "none"),
+            mask=photons.mask, background=photons.background, storage=storage,
         ) as writer:
             for s in range(a, b, batch):
                 e = min(s + batch, b)
-                images, scale = _simulate_batch(simulator, seed, split, s, e, min_total, noise)
+                images, scale = _simulate_batch(simulator, seed, split, s, e, photons, factor)
                 if dtype == "float16" and float(images.max()) > 65504:
                     raise XraiError(
                         f"simulation.dtype float16 cannot hold pixel values up to {float(images.max()):.0f}; "
-                        "use float32 or a smaller simulation.min_total_intensity")
+                        "use float32 or fewer photons (simulation.min_total_intensity / photon_scaling)")
                 writer.write(s - a, images, orientations_for(seed, split, s, e), scale)
                 done += e - s
                 _log_progress(out, done, done - (e - s), n_todo, t1)
@@ -304,15 +348,21 @@ def simulate_dataset(
 
 
 def _simulate_batch(simulator: PatternSimulator, seed: int, split: str, start: int, stop: int,
-                    min_total: float, noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                    photons: PhotonSettings, dataset_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
     quats = orientations_for(seed, split, start, stop)
     images = simulator.patterns(quats)
-    totals = images.sum(dim=(-2, -1), dtype=torch.float64)
-    scale = torch.clamp(min_total / totals.clamp_min(1e-300), min=1.0)
+    scale = photons.signal_scale(images, dataset_factor)
+    if photons.fluence_jitter > 0:
+        jitter = jitter_factors(_image_seeds(seed, split, 3, start, stop), photons.fluence_jitter)
+        scale = scale * jitter.to(scale.device)
     images = images.mul_(scale[:, None, None].float()).cpu()
     scale = scale.cpu()
-    if noise:
+    if photons.background is not None:
+        images += photons.background.float()
+    if photons.poisson_noise:
         images = _add_poisson_noise(images, seed, split, start)
+    if photons.mask is not None:
+        images[:, ~photons.mask] = 0.0
     return images, scale
 
 
