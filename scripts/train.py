@@ -1,4 +1,4 @@
-"""Rule train: xrai train for one (protein, size, method, run)."""
+"""Rules train and train_cryoem: xrai train for one (protein, size, method, run); the run folder holds the first output."""
 from pathlib import Path
 
 from xrai.cli import run_from_snakemake
@@ -9,5 +9,5 @@ run_from_snakemake(snakemake, "train", [  # noqa: F821
     "--run", wc.run,
     "--train-data", snakemake.input.train,  # noqa: F821
     "--test-data", snakemake.input.test,  # noqa: F821
-    "--out-dir", Path(snakemake.output.amplitude).parent,  # noqa: F821
+    "--out-dir", Path(snakemake.output[0]).parent,  # noqa: F821
 ])

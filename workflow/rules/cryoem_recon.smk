@@ -28,7 +28,7 @@ if modality(config) == "cryoem" and METHODS:
         resources:
             **rule_resources("train"),
         script:
-            "../../scripts/train_cryoem.py"
+            "../../scripts/train.py"
 
     rule evaluate_cryoem:
         """FSC (0.5 and 0.143) against the reference potential, rotation and shift errors -> metrics.json."""

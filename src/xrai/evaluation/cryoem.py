@@ -110,17 +110,13 @@ def evaluate_cryoem(*, run_dir: str | Path, reference: str | Path, train_data: s
     """The content of ``metrics.json`` for one cryo-EM reconstruction (``run_dir`` holds ``volume.mrc`` and poses)."""
     from xrai.data.star import ParticleDataset
     from xrai.evaluation.align import align_volumes
+    from xrai.evaluation.evaluate import read_volume_and_reference
     from xrai.evaluation.metrics import fsc, resolution_from_fsc
-    from xrai.io import provenance, read_json, read_mrc, write_mrc
+    from xrai.io import provenance, read_json, write_mrc
 
     run = Path(run_dir)
     ev = (cfg or {}).get("evaluation", {}) or {}
-    vol, voxel = read_mrc(run / "volume.mrc")
-    ref, ref_voxel = read_mrc(reference)
-    if vol.shape != ref.shape:
-        raise XraiError(f"{run / 'volume.mrc'}: shape {vol.shape} differs from the reference {reference} {ref.shape}")
-    if not math.isclose(voxel, ref_voxel, rel_tol=1e-3):
-        raise XraiError(f"{run / 'volume.mrc'}: voxel size {voxel:.4f} Å differs from the reference's {ref_voxel:.4f} Å")
+    vol, ref, ref_voxel = read_volume_and_reference(run / "volume.mrc", reference)
     box = ref.shape[0]
     al = align_volumes(vol, ref, angular_step_deg=float(ev.get("align_angular_step_deg", 15)))
     if aligned_out is not None:

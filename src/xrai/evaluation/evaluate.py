@@ -51,6 +51,22 @@ logger = logging.getLogger(__name__)
 ALIGNED_DENSITY = "aligned_density.mrc"
 
 
+
+def read_volume_and_reference(volume: str | Path, reference: str | Path) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(volume, reference, the reference's voxel size Å)`` from two MRC files sharing box and voxel size.
+
+    >>> vol, ref, ref_voxel = read_volume_and_reference("density.mrc", "reference.mrc")  # doctest: +SKIP
+    """
+    from xrai.io import read_mrc
+
+    vol, voxel = read_mrc(volume)
+    ref, ref_voxel = read_mrc(reference)
+    if vol.shape != ref.shape:
+        raise XraiError(f"{volume}: shape {vol.shape} differs from the reference {reference} {ref.shape}")
+    if not math.isclose(voxel, ref_voxel, rel_tol=1e-3):
+        raise XraiError(f"{volume}: voxel size {voxel:.4f} Å differs from the reference's {ref_voxel:.4f} Å")
+    return vol, ref, ref_voxel
+
 def read_poses(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, str]:
     """``(rotations (N, 3, 3) float64, index (N,), source)`` from a ``poses_{train,test}.h5`` file.
 
@@ -187,7 +203,7 @@ def evaluate(
     """
     from xrai.evaluation.align import align_volumes
     from xrai.evaluation.metrics import fsc, resolution_from_fsc
-    from xrai.io import provenance, read_json, read_mrc, write_mrc
+    from xrai.io import provenance, read_json, write_mrc
     from xrai.volume import read_volume_h5
 
     ev = cfg.get("evaluation", {})
@@ -198,12 +214,7 @@ def evaluate(
         raise XraiError(f"{best}: missing key 'run_dir'")
     run_dir = Path(best_info["run_dir"])
 
-    rho, voxel = read_mrc(density)
-    ref, ref_voxel = read_mrc(reference)
-    if rho.shape != ref.shape:
-        raise XraiError(f"{density}: shape {rho.shape} differs from the reference {reference} {ref.shape}")
-    if not math.isclose(voxel, ref_voxel, rel_tol=1e-3):
-        raise XraiError(f"{density}: voxel size {voxel:.4f} Å differs from the reference's {ref_voxel:.4f} Å")
+    rho, ref, ref_voxel = read_volume_and_reference(density, reference)
     box = ref.shape[0]
 
     al = align_volumes(rho, ref, angular_step_deg=step)
