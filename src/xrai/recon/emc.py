@@ -687,12 +687,12 @@ def run_emc(
 
     ``iteration_callback(iteration)`` is called after every completed (and checkpointed)
     iteration. On SIGTERM / SIGINT the run stops after the current iteration's checkpoint
-    and raises :class:`xrai.recon.train.TrainingInterrupted`; rerunning resumes.
+    and raises :class:`xrai.recon.checkpoint.TrainingInterrupted`; rerunning resumes.
     """
     from xrai.config import config_values
     from xrai.data.hdf5 import DiffractionDataset
     from xrai.io import provenance, write_json, write_run_metadata
-    from xrai.recon.train import (
+    from xrai.recon.checkpoint import (
         StopRequest,
         TrainingInterrupted,
         resumable_checkpoint,
