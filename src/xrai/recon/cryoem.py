@@ -346,7 +346,7 @@ class CryoemSearchRecipe:
             loss.backward()
             self.optimizer.step()
         self.timings["encoder"] += time.perf_counter() - t0
-        return float(loss)
+        return float(loss.detach())
 
     @torch.no_grad()
     def encoder_poses(self, batch: dict, refine: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
