@@ -7,6 +7,7 @@ import functools
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -84,3 +85,27 @@ def chain_a_cif(pdb_mirror, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("structures") / "2CEX_A.cif"
     load_structure(pdb_mirror / "2cex.pdb", chains=["A"]).make_mmcif_document().write_file(str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def particle_sets(tmp_path_factory) -> dict:
+    """An asymmetric blob volume (smooth: the known-pose test); tests/cryoem_sets.py's sets, 0 dB."""
+    import cryoem_sets
+    from test_relion_reference import blob_volume
+
+    rng = np.random.default_rng(3)
+    return cryoem_sets.particle_sets(tmp_path_factory.mktemp("blobs"), blob_volume(cryoem_sets.BOX, rng, n_blobs=8),
+                                     rng)
+
+
+@pytest.fixture(scope="session")
+def adk_sets(tmp_path_factory, pdb_mirror) -> dict:
+    """4AKE's electrostatic potential (the simulator's, from the shared PDB file) at 32 px, 3.2 Å."""
+    import cryoem_sets
+
+    from xrai.cryoem.potential import potential_from_file
+
+    rng = np.random.default_rng(3)
+    vol_zyx = potential_from_file(pdb_mirror / "4ake.pdb", cryoem_sets.BOX, cryoem_sets.PIXEL_A,
+                                 cryoem_sets.BFACTOR)
+    return cryoem_sets.particle_sets(tmp_path_factory.mktemp("adk"), vol_zyx, rng)

@@ -63,6 +63,17 @@ def rotate_pi(images: torch.Tensor) -> torch.Tensor:
     return torch.rot90(images, 2, dims=(-2, -1))
 
 
+def rotate_pi_centred(images: torch.Tensor) -> torch.Tensor:
+    """In-plane rotation by pi about pixel ``(H // 2, W // 2)`` (cryo-EM's phase origin), periodically.
+
+    ``rot90`` twice turns about ``((H - 1) / 2, (W - 1) / 2)``; for an even size a roll by one
+    pixel moves that centre onto ``N // 2``. The rfft of the result is the conjugate of the
+    original's, and an image of pose ``R`` and origin ``t`` becomes one of ``R @ RZ_PI`` and ``-t``.
+    """
+    h, w = images.shape[-2:]
+    return torch.roll(rotate_pi(images), shifts=(1 - h % 2, 1 - w % 2), dims=(-2, -1))
+
+
 def _split(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(out, tuple):
         return out[0], out[1]
@@ -109,28 +120,30 @@ def plain_l2(pred_fn: PredictFn, images: torch.Tensor, weights: torch.Tensor | N
 
 
 def symmetrized_l2(pred_fn: PredictFn, images: torch.Tensor, weights: torch.Tensor | None = None,
-                   pixel_loss: PixelLoss = pixel_l2) -> SymmetrizedLoss:
+                   pixel_loss: PixelLoss = pixel_l2,
+                   rotate: Callable[[torch.Tensor], torch.Tensor] = rotate_pi) -> SymmetrizedLoss:
     """Equation 4: per image, the smaller L2 loss of the image and of its pi rotation, each through ``pred_fn``.
 
     Both branches go through ``pred_fn`` (the whole autoencoder) in one batch of
     ``2 B`` images. ``weights`` (broadcastable to (B, H, W), detector frame) weight the
     squared error of both branches alike; the pi-rotated branch sees them rotated with
     the image. The gradient flows through the winning branch only (the min), as in cryoAI.
-    ``pixel_loss`` replaces the L2 (e.g. :func:`poisson_pixel_nll` for photon counts).
+    ``pixel_loss`` replaces the L2 (e.g. :func:`poisson_pixel_nll` for photon counts); ``rotate``
+    the in-plane pi rotation (:func:`rotate_pi_centred` for images whose origin is pixel ``N // 2``).
     """
     b = images.shape[0]
-    both = torch.cat([images, rotate_pi(images)], dim=0)
+    both = torch.cat([images, rotate(images)], dim=0)
     prediction, rotations = _split(pred_fn(both))
     if weights is not None and weights.dim() >= 2 and weights.shape[-2:] == images.shape[-2:]:
         w2 = torch.broadcast_to(weights, images.shape)
-        weights = torch.cat([w2, rotate_pi(w2)], dim=0)
+        weights = torch.cat([w2, rotate(w2)], dim=0)
     per_branch = pixel_loss(prediction, both, weights).reshape(2, b)
     per_image, winner = per_branch.min(dim=0)
     branch = winner.to(torch.int8)
     won_pi = winner.bool()
     # the winning prediction, seen in the frame of the original image
     pred0, pred1 = prediction[:b], prediction[b:]
-    pred = torch.where(won_pi[:, None, None], rotate_pi(pred1), pred0)
+    pred = torch.where(won_pi[:, None, None], rotate(pred1), pred0)  # pi rotations are involutions
     corrected = None
     if rotations is not None:
         r0, r1 = rotations[:b], rotations[b:]
