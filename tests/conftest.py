@@ -84,3 +84,27 @@ def chain_a_cif(pdb_mirror, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("structures") / "2CEX_A.cif"
     load_structure(pdb_mirror / "2cex.pdb", chains=["A"]).make_mmcif_document().write_file(str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def particle_sets(tmp_path_factory) -> dict:
+    """Cryo-EM sets of an asymmetric blob volume (smooth: the known-pose test); tests/cryoem_sets.py."""
+    import numpy as np
+    from cryoem_sets import BOX, particle_sets
+    from test_relion_reference import blob_volume
+
+    rng = np.random.default_rng(3)
+    return particle_sets(tmp_path_factory.mktemp("blobs"), blob_volume(BOX, rng, n_blobs=8), rng)
+
+
+@pytest.fixture(scope="session")
+def adk_sets(tmp_path_factory, pdb_mirror) -> dict:
+    """Cryo-EM sets of 4AKE's electrostatic potential (the simulator's, from the shared PDB file) at 32 px, 3.2 Å."""
+    import numpy as np
+    from cryoem_sets import BFACTOR, BOX, PIXEL_A, particle_sets
+
+    from xrai.cryoem.potential import potential_from_file
+
+    rng = np.random.default_rng(3)
+    vol_zyx = potential_from_file(pdb_mirror / "4ake.pdb", BOX, PIXEL_A, BFACTOR)
+    return particle_sets(tmp_path_factory.mktemp("adk"), vol_zyx, rng)

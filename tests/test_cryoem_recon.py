@@ -1,7 +1,8 @@
 """Cryo-EM reconstruction with known answers: the Wiener known-pose bound, the fast default, the evaluation.
 
-A blob volume (tests/test_relion_reference.py's) is projected by the simulator's Fourier-slice
-projector, filtered by CTF and shifts, given white noise at 0 dB and written as a RELION 3.1 set
+The particle sets (fixtures ``particle_sets``, ``adk_sets`` of tests/conftest.py, made by
+tests/cryoem_sets.py): a blob volume or 4AKE projected by the simulator's Fourier-slice
+projector, filtered by CTF and shifts, given white noise at 0 dB, written as RELION 3.1 sets
 with the independent writer of tests/relion_reference.py. The true poses must reconstruct it;
 random poses must not; the fast default must find poses far below chance error.
 """
@@ -11,67 +12,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from relion_reference import euler_matrix, write_particles
-from test_relion_reference import blob_volume, random_poses
+from cryoem_sets import BOX, PIXEL_A
 
 from xrai.cryoem.imaging import CentralSliceImaging
 from xrai.data.star import ParticleDataset
 from xrai.evaluation.cryoem import evaluate_cryoem, fit_frame_translation, pose_metrics
 from xrai.evaluation.metrics import fsc
-from xrai.io import write_mrc
 from xrai.recon.cryoem_train import known_pose_volume, train_cryoem
-
-BOX, PIXEL_A, N_TRAIN, N_TEST = 32, 3.2, 1536, 256
-#: 4AKE's potential at 3.2 Å: B-factor >= 2 pi^2 px^2 / 2 against aliasing
-BFACTOR = 200.0
-
-
-def _simulate(vol_zyx: np.ndarray, n: int, rng: np.random.Generator, snr_db: float | None) -> dict:
-    from xrai.cryoem.ctf import CtfParams, fourier_filter
-    from xrai.cryoem.projection import FourierProjector
-
-    angles = random_poses(rng, n)
-    A = torch.tensor(euler_matrix(*angles.T), dtype=torch.float32)
-    origin_A = rng.normal(0, 2.5, (n, 2))
-    u = rng.uniform(5000, 15000, n)
-    ctf = dict(defocus_u_A=u, defocus_v_A=u - rng.uniform(0, 300, n), defocus_angle_deg=rng.uniform(0, 180, n),
-               voltage_kv=np.full(n, 300.0), cs_mm=np.full(n, 2.7), amplitude_contrast=np.full(n, 0.1))
-    clean = FourierProjector(torch.from_numpy(vol_zyx).float(), pad_factor=2).project(A)
-    params = CtfParams(**{k: torch.tensor(ctf[k]) for k in ("defocus_u_A", "defocus_v_A", "defocus_angle_deg")},
-                       voltage_kv=300.0, cs_mm=2.7, amplitude_contrast=0.1)
-    images = fourier_filter(clean, PIXEL_A, ctf=params, shifts_px=-torch.tensor(origin_A) / PIXEL_A, pad_factor=2)
-    if snr_db is not None:
-        sigma = float(images.var()) ** 0.5 / 10 ** (snr_db / 20)
-        images = images + sigma * torch.from_numpy(rng.normal(size=images.shape)).float()
-    return {"images": images.numpy(), "angles": angles, "origin_A": origin_A, "ctf": ctf}
-
-
-def _particle_sets(folder, vol_zyx: np.ndarray, rng: np.random.Generator) -> dict:
-    write_mrc(folder / "reference.mrc", vol_zyx.transpose(2, 1, 0), PIXEL_A)
-    out = {"folder": folder, "reference": folder / "reference.mrc", "volume_xyz": vol_zyx.transpose(2, 1, 0)}
-    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
-        s = _simulate(vol_zyx, n, rng, snr_db=0.0)
-        write_particles(folder / f"{split}.star", s["images"], PIXEL_A, angles=s["angles"], origin_A=s["origin_A"],
-                        ctf_params=s["ctf"])
-        out[split] = folder / f"{split}.star"
-    return out
-
-
-@pytest.fixture(scope="module")
-def particle_sets(tmp_path_factory) -> dict:
-    """An asymmetric blob volume (smooth: the known-pose test)."""
-    rng = np.random.default_rng(3)
-    return _particle_sets(tmp_path_factory.mktemp("blobs"), blob_volume(BOX, rng, n_blobs=8), rng)
-
-
-@pytest.fixture(scope="module")
-def adk_sets(tmp_path_factory, pdb_mirror) -> dict:
-    """4AKE's electrostatic potential (the simulator's, from the shared PDB file) at 32 px, 3.2 Å."""
-    from xrai.cryoem.potential import potential_from_file
-
-    rng = np.random.default_rng(3)
-    vol_zyx = potential_from_file(pdb_mirror / "4ake.pdb", BOX, PIXEL_A, BFACTOR)
-    return _particle_sets(tmp_path_factory.mktemp("adk"), vol_zyx, rng)
 
 
 def _fsc_to_quarter_nyquist(volume_xyz: np.ndarray, reference_xyz: np.ndarray) -> float:

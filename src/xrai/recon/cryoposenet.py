@@ -25,7 +25,8 @@ The paper's method (``/work/shared/papers/cryoposenet.txt``, section 3), on RELI
 * **optimiser**: one Adam (lr 5e-4) over the encoder and the volume, batch 32, 10,000 steps.
 
 Units: the volume's parameter is dimensionless; :meth:`CryoPoseNetRecipe.prepare` sets the
-buffer ``volume_scale`` so that projections of the random start have the images' rms, and
+buffer ``volume_scale`` so that voxels uniform in [0, 1) project to the images' rms (the start
+is uniform in [0, ``init_amplitude``): its projections are ``init_amplitude`` of the data), and
 ``image_scale`` (the images' rms) standardises the encoder's input, so the paper's learning
 rate applies whatever the units of the data.
 
@@ -75,6 +76,7 @@ class CryoPoseNetSettings:
     mlp: tuple[int, ...] = (512, 512)
     projector: str = "fourier"
     fourier_pad: int = 2
+    init_amplitude: float = 0.1
     prepare_images: int = 256
 
     @classmethod
@@ -127,13 +129,13 @@ class CryoPoseNetEncoder(nn.Module):
 class CryoPoseNetModel(nn.Module):
     """Every learnable piece and buffer of cryoPoseNet: the encoder, the voxel volume and the two data scales."""
 
-    def __init__(self, image_size: int, channels: Sequence[int], mlp: Sequence[int],
+    def __init__(self, image_size: int, channels: Sequence[int], mlp: Sequence[int], init_amplitude: float = 0.1,
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.encoder = CryoPoseNetEncoder(image_size, channels, mlp)
         n = int(image_size)
-        # the paper's start: uniform random voxels (Algorithm 1)
-        self.voxels = nn.Parameter(torch.rand(n, n, n, generator=generator))
+        # the paper's start: uniform random voxels (Algorithm 1), in [0, init_amplitude)
+        self.voxels = nn.Parameter(float(init_amplitude) * torch.rand(n, n, n, generator=generator))
         self.register_buffer("volume_scale", torch.tensor(1.0))
         self.register_buffer("image_scale", torch.tensor(1.0))
 
@@ -179,7 +181,7 @@ class CryoPoseNetRecipe:
         self.s = CryoPoseNetSettings.from_config(cfg)
         gen = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)  # the encoder's default initialisation
-        self.model = CryoPoseNetModel(imaging.size, self.s.channels, self.s.mlp, generator=gen)
+        self.model = CryoPoseNetModel(imaging.size, self.s.channels, self.s.mlp, self.s.init_amplitude, generator=gen)
         logger.info("cryoPoseNet: %d px, %s projector, encoder %d parameters, volume %d voxels", imaging.size,
                     self.s.projector, sum(p.numel() for p in self.model.encoder.parameters()), self.model.voxels.numel())
 
@@ -193,7 +195,7 @@ class CryoPoseNetRecipe:
 
     @torch.no_grad()
     def prepare(self, dataset: Any) -> None:
-        """The data's scales: ``image_scale`` (images' rms) and ``volume_scale`` (the random start projects to it)."""
+        """The data's scales: ``image_scale`` (images' rms) and ``volume_scale`` (voxels uniform in [0, 1) project to it)."""
         n = min(len(dataset), self.s.prepare_images)
         if n < 1:
             raise XraiError(f"{getattr(dataset, 'path', dataset)}: no particle images to train cryoPoseNet on")
@@ -205,7 +207,7 @@ class CryoPoseNetRecipe:
         gen = torch.Generator().manual_seed(self.seed + 1)
         R = sixd_to_matrix(torch.randn(min(n, 32), 6, generator=gen))
         sub = {k: v[:len(R)] for k, v in batch.items()}
-        self.model.volume_scale.fill_(1.0)
+        self.model.volume_scale.fill_(1.0 / self.s.init_amplitude)  # the start, seen as voxels in [0, 1)
         pred_rms = float(self.render(R, sub).pow(2).mean().sqrt())
         self.model.image_scale.fill_(rms)
         self.model.volume_scale.fill_(rms / max(pred_rms, 1e-30))
@@ -225,7 +227,7 @@ class CryoPoseNetRecipe:
             loss = self.loss(batch)
             loss.backward()
             optimizer.step()
-        return {"loss": float(loss)}
+        return {"loss": float(loss.detach())}
 
     @torch.no_grad()
     def infer(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
