@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,49 +27,18 @@ import torch
 from xrai.cryoem.imaging import CentralSliceImaging
 from xrai.errors import XraiError
 from xrai.recon.cryoem import CryoemSearchRecipe
+from xrai.recon.cryoem_gradient import CryoemGradientRecipe, train_cryoem_gradient
+from xrai.recon.cryoem_outputs import infer_all, true_poses, write_poses
 from xrai.recon.wiener import WienerMerge
 
 logger = logging.getLogger(__name__)
 
+#: cryo-EM methods trained by gradient steps (:mod:`xrai.recon.cryoem_gradient`): name -> recipe class
+GRADIENT_METHODS: dict[str, type[CryoemGradientRecipe]] = {}
 #: method names that run on cryo-EM sets -> what runs
 CRYOEM_METHODS = {"xrai": "xrai", "xrai-cryoem": "xrai", "known-pose": "cryoem-known-pose",
-                  "xrai-known-pose": "cryoem-known-pose", "cryoem-known-pose": "cryoem-known-pose"}
-
-
-def _write_poses(path: Path, rotations: np.ndarray, shifts_A: np.ndarray, index: np.ndarray, source: str,
-                 attrs: dict) -> None:
-    """``poses_{train,test}.h5``: ``rotations`` (N, 3, 3) xrai poses, ``shifts_A`` (N, 2) RELION origins, ``branch``, ``index``."""
-    import h5py
-
-    from xrai.io import atomic_path
-
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("rotations", data=rotations.astype(np.float32))
-        f.create_dataset("shifts_A", data=shifts_A.astype(np.float32))
-        f.create_dataset("branch", data=np.zeros(len(index), dtype=np.int8))  # full SO(3) search: no flip branch
-        f.create_dataset("index", data=index.astype(np.int64))
-        f.attrs.update({k: str(v) for k, v in attrs.items()})
-        f.attrs["source"] = source
-
-
-def _true_poses(dataset: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    R, t, idx = [], [], []
-    for b in dataset.iter_batches(1024, shuffle=False):
-        R.append(b["rotations"].numpy())
-        t.append(b["shifts_A"].numpy() if "shifts_A" in b else np.zeros((len(b["index"]), 2)))
-        idx.append(b["index"].numpy())
-    return np.concatenate(R), np.concatenate(t), np.concatenate(idx)
-
-
-def _infer_all(dataset: Any, infer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``infer(batch) -> (R, origins)`` over a whole dataset in order: rotations, origins, index."""
-    R, t, idx = [], [], []
-    for batch in dataset.iter_batches(256, shuffle=False):
-        r, sh = infer(batch)
-        R.append(r.numpy())
-        t.append(sh.numpy())
-        idx.append(batch["index"].numpy())
-    return np.concatenate(R), np.concatenate(t), np.concatenate(idx)
+                  "xrai-known-pose": "cryoem-known-pose", "cryoem-known-pose": "cryoem-known-pose",
+                  **{name: name for name in GRADIENT_METHODS}}
 
 
 def known_pose_volume(dataset: Any, imaging: CentralSliceImaging, batch_size: int = 256,
@@ -92,14 +62,25 @@ def _cryoem_method(method: str) -> str:
 
 
 def train_cryoem(cfg: dict, method: str, run: int, train_data: str | Path, test_data: str | Path,
-                 out_dir: str | Path) -> Path:
+                 out_dir: str | Path, *, step_callback: Callable[[int], None] | None = None) -> Path:
     """Reconstruct from a RELION particle set into ``out_dir``: ``volume.mrc``, ``half_fsc.json``,
-    ``poses_train.h5`` / ``poses_test.h5``, ``metrics.csv`` (timings), ``config.yaml``, ``provenance.json``."""
+    ``poses_train.h5`` / ``poses_test.h5``, ``metrics.csv`` (timings), ``config.yaml``, ``provenance.json``.
+
+    Gradient-trained methods (:data:`GRADIENT_METHODS`) run in
+    :func:`xrai.recon.cryoem_gradient.train_cryoem_gradient` (``step_callback`` is theirs).
+    """
     from xrai.data.star import ParticleDataset
     from xrai.io import provenance, write_csv, write_json, write_mrc, write_run_metadata
     from xrai.utils import seed_everything, set_cpu_threads
 
     kind = _cryoem_method(method)
+    if kind in GRADIENT_METHODS:
+        train_ds, test_ds = ParticleDataset(train_data), ParticleDataset(test_data)
+        if train_ds.image_shape != test_ds.image_shape:
+            raise XraiError(f"{test_data}: images {test_ds.image_shape} differ from the train set's "
+                            f"{train_ds.image_shape}")
+        return train_cryoem_gradient(cfg, method, GRADIENT_METHODS[kind], run, train_ds, test_ds, out_dir,
+                                     step_callback=step_callback)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tcfg = cfg.get("train") or {}
@@ -118,8 +99,8 @@ def train_cryoem(cfg: dict, method: str, run: int, train_data: str | Path, test_
         pad = int((tcfg.get("xrai_cryoem") or {}).get("final_pad", 2))
         volume, merge = known_pose_volume(train_ds, CentralSliceImaging.for_dataset(train_ds, pad=pad))
         for name, ds in (("train", train_ds), ("test", test_ds)):
-            R, t, idx = _true_poses(ds)
-            _write_poses(out / f"poses_{name}.h5", R, t, idx, "ground_truth", attrs | {"dataset": ds.path})
+            R, t, idx = true_poses(ds)
+            write_poses(out / f"poses_{name}.h5", R, t, idx, "ground_truth", attrs | {"dataset": ds.path})
     else:
         recipe = CryoemSearchRecipe(cfg, CentralSliceImaging.for_dataset(train_ds, pad=1), seed=seed)
         s = recipe.s
@@ -141,18 +122,19 @@ def train_cryoem(cfg: dict, method: str, run: int, train_data: str | Path, test_
         train_s = time.perf_counter() - t0
         poses = {}
         for name, ds in (("train", train_ds), ("test", test_ds)):
-            poses[name] = _infer_all(ds, recipe.infer)
-            _write_poses(out / f"poses_{name}.h5", *poses[name], s.infer, attrs | {"dataset": ds.path})
+            R, t, idx, _ = infer_all(ds, recipe.infer)
+            poses[name] = (R, t, idx)
+            write_poses(out / f"poses_{name}.h5", R, t, idx, s.infer, attrs | {"dataset": ds.path})
         infer_s = time.perf_counter() - t0 - train_s
         encoder_s = None
         if s.encoder:  # the amortized path on the held-out images, measured beside the poses above
             t1 = time.perf_counter()
-            _write_poses(out / "poses_test_encoder.h5", *_infer_all(test_ds, recipe.encoder_poses), "encoder",
+            write_poses(out / "poses_test_encoder.h5", *infer_all(test_ds, recipe.encoder_poses)[:3], "encoder",
                          attrs | {"dataset": test_ds.path})
             encoder_s = time.perf_counter() - t1
-            _write_poses(out / "poses_test_encoder_only.h5",
-                         *_infer_all(test_ds, lambda b: recipe.encoder_poses(b, refine=False)), "encoder",
-                         attrs | {"dataset": test_ds.path})
+            write_poses(out / "poses_test_encoder_only.h5",
+                        *infer_all(test_ds, lambda b: recipe.encoder_poses(b, refine=False))[:3], "encoder",
+                        attrs | {"dataset": test_ds.path})
             t0 += time.perf_counter() - t1  # not part of this method's time
         order = np.argsort(poses["train"][2])
         final = (poses["train"][0][order], poses["train"][1][order])

@@ -200,6 +200,23 @@ class EvenSiren(nn.Module):
         return self.head(self.body(x))
 
 
+class Siren(nn.Module):
+    """A plain SIREN (no symmetry): ``hidden_layers + 1`` sine layers, then linear (the complex FourierNet's halves)."""
+
+    def __init__(self, in_features: int, width: int, hidden_layers: int, out_features: int, omega0: float) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [SineLayer(in_features, width, omega0, is_first=True)]
+        layers += [SineLayer(width, width, omega0, is_first=False) for _ in range(hidden_layers)]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, out_features)
+        bound = math.sqrt(6.0 / width) / omega0
+        with torch.no_grad():
+            self.head.weight.uniform_(-bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
 class FourierNet(nn.Module):
     """Neural Fourier amplitude ``|F(k)| = scale * exp(envelope(k)) * |modulant(k)|`` (cryoAI section 3.4).
 
@@ -219,6 +236,10 @@ class FourierNet(nn.Module):
     * Inputs are ``k / q_max`` (``q_max``: the detector corner's |q|), so the SIREN sees
       coordinates in [-1, 1] whatever the geometry. ``scale`` (a buffer) sets the output
       unit, e.g. the data's mean amplitude, so that the networks work near 1.
+    * ``hermitian=True`` (cryo-EM: the transform of a real potential, cryoAI equations 7-8):
+      the output is complex, ``V(k) = scale * (exp(e_re) m_re + i exp(e_im) m_im)`` with two
+      plain SIRENs of two outputs each (envelope ``e``, modulant ``m``), queried at ``k`` for
+      ``k_x >= 0`` and ``V(k) = conj(V(-k))`` for ``k_x < 0``, so ``V(-k) = conj(V(k))`` holds exactly.
     """
 
     def __init__(
@@ -229,21 +250,34 @@ class FourierNet(nn.Module):
         modulant_layers: int = 2,
         omega0_envelope: float = 30.0,
         omega0_modulant: float = 40.0,
+        hermitian: bool = False,
     ) -> None:
         super().__init__()
         if not q_max > 0:
             raise ValueError(f"q_max must be > 0, got {q_max}")
         self.q_max = float(q_max)
-        self.envelope = EvenSiren(3, width, envelope_layers, 1, omega0_envelope)
-        self.modulant = EvenSiren(3, width, modulant_layers, 2, omega0_modulant)
+        self.hermitian = bool(hermitian)
+        if self.hermitian:  # odd phases: no even first layer; the half-space fold gives the symmetry
+            self.envelope = Siren(3, width, envelope_layers, 2, omega0_envelope)
+            self.modulant = Siren(3, width, modulant_layers, 2, omega0_modulant)
+        else:
+            self.envelope = EvenSiren(3, width, envelope_layers, 1, omega0_envelope)
+            self.modulant = EvenSiren(3, width, modulant_layers, 2, omega0_modulant)
         with torch.no_grad():
             # start with |modulant| ~ 1: bias the real part, small random rest
             self.modulant.head.bias.copy_(torch.tensor([1.0, 0.0]))
         self.register_buffer("scale", torch.tensor(1.0))
 
     def forward(self, k: torch.Tensor) -> torch.Tensor:
-        """Amplitude at reciprocal coordinates ``k`` (..., 3) in Angstrom^-1 -> (...), non-negative."""
+        """Amplitude at reciprocal coordinates ``k`` (..., 3) in Angstrom^-1 -> (...), non-negative
+        (complex with ``hermitian``)."""
         x = k / self.q_max
+        if self.hermitian:
+            flip = x[..., 0] < 0
+            x = torch.where(flip[..., None], -x, x)
+            env, m = torch.exp(self.envelope(x)), self.modulant(x)
+            values = torch.complex(env[..., 0] * m[..., 0], env[..., 1] * m[..., 1])
+            return self.scale * torch.where(flip, values.conj(), values)
         log_env = self.envelope(x)[..., 0]
         m = self.modulant(x)
         # |m| with a tiny floor under the square root: finite gradient where m = 0
