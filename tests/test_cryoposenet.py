@@ -91,9 +91,9 @@ def test_projector_gradients_reach_volume_and_rotation(blob_images, projector):
 
 def test_settings_are_the_papers_and_bad_keys_fail():
     s = CryoPoseNetSettings.from_config({})
-    assert (s.steps, s.batch_size, s.lr, s.channels, s.mlp, s.projector) == (10000, 32, 5e-4, (32, 64, 128),
-                                                                            (512, 512), "fourier")
-    assert CryoPoseNetSettings.from_config({"train": {"cryoposenet": {"batch_size": 8}}}).batch_size == 8
+    assert CryoPoseNetRecipe.default_batch_size == 32 and not CryoPoseNetRecipe.estimates_shifts
+    assert (s.lr, s.channels, s.mlp, s.projector) == (5e-4, (32, 64, 128), (512, 512), "fourier")
+    assert CryoPoseNetSettings.from_config({"train": {"cryoposenet": {"mlp": [64]}}}).mlp == (64,)
     with pytest.raises(XraiError, match="train.cryoposenet.projector"):
         CryoPoseNetSettings.from_config({"train": {"cryoposenet": {"projector": "nufft"}}})
 
@@ -103,8 +103,9 @@ def test_training_steps_lower_the_loss_and_state_round_trips(adk_sets):
     # 10x the paper's learning rate: a visible drop within a few steps
     cfg = {"train": {"cryoposenet": {"batch_size": 16, "prepare_images": 64, "lr": 5e-3}}}
     with ParticleDataset(adk_sets["train"]) as ds:
-        imaging = CentralSliceImaging.for_dataset(ds, pad=1)
+        imaging = CentralSliceImaging.for_dataset(ds, pad=CryoPoseNetRecipe.imaging_pad(cfg))
         recipe = CryoPoseNetRecipe(cfg, imaging, seed=0)
+        assert (recipe.steps, recipe.batch_size) == (1000, 16)
         recipe.prepare(ds)
         assert float(recipe.model.image_scale) > 0 and float(recipe.model.volume_scale) != 1.0
         optimizer = recipe.build_optimizer()
@@ -118,9 +119,32 @@ def test_training_steps_lower_the_loss_and_state_round_trips(adk_sets):
         assert R.shape == (16, 3, 3) and branch.dtype == torch.int8
         assert torch.allclose(torch.linalg.det(R), torch.ones(16), atol=1e-5)
         assert torch.equal(shifts, batches[0]["shifts_A"].float())  # given, not estimated
-        state = recipe.state_dict()
         again = CryoPoseNetRecipe(cfg, imaging, seed=1)
         assert not torch.allclose(again.infer(batches[0])[0], R)
-        again.load_state_dict(state)
+        again.model.load_state_dict(recipe.model.state_dict())  # the loop's checkpoint: the scales are buffers
         assert torch.allclose(again.infer(batches[0])[0], R)
         assert torch.equal(again.volume(), recipe.volume())
+
+
+def test_end_to_end_run_writes_outputs_that_evaluate_cryoem_scores(adk_sets, tmp_path):
+    """``train_cryoem(cfg, "cryoposenet", ...)``: the loop's outputs, scored; the shifts are the true ones."""
+    import h5py
+
+    from xrai.evaluation.cryoem import evaluate_cryoem
+    from xrai.io import read_mrc
+    from xrai.recon.cryoem_train import train_cryoem
+
+    cfg = {"train": {"seed": 0, "num_threads": 1, "log_every": 10, "checkpoint_every": 1000,
+                     "cryoposenet": {"steps": 20, "batch_size": 16, "prepare_images": 64}},
+           "evaluation": {"align_angular_step_deg": 30}}
+    run = train_cryoem(cfg, "cryoposenet", 0, adk_sets["train"], adk_sets["test"], tmp_path / "run0")
+    assert read_mrc(run / "volume.mrc")[0].shape == (N, N, N)
+    with h5py.File(run / "poses_test.h5") as f, ParticleDataset(adk_sets["test"]) as ds:
+        assert f["rotations"].shape == (len(ds), 3, 3)
+        np.testing.assert_allclose(f["shifts_A"][:], ds.true_shifts()[f["index"][:]], atol=1e-4)
+    metrics = evaluate_cryoem(run_dir=run, reference=adk_sets["reference"], train_data=adk_sets["train"],
+                              test_data=adk_sets["test"], method="cryoposenet", cfg=cfg)
+    assert metrics["method"] == "cryoposenet"
+    test = metrics["pose_error_test"]
+    assert 0 <= test["median_deg"] <= 180 and test["shift_error"]["median_A"] < 1e-3  # given, not estimated
+    assert metrics["resolution"]["0.5"]["A"] is None or metrics["resolution"]["0.5"]["A"] > 2 * PIXEL_A - 1e-6

@@ -36,10 +36,14 @@ Usage::
     recipe = CryoPoseNetRecipe(cfg, CentralSliceImaging.for_dataset(train_ds), seed=0)
     recipe.prepare(train_ds)
     optimizer = recipe.build_optimizer()
-    for step, batch in enumerate(train_ds.iter_batches(32, shuffle=True, drop_last=True)):
+    for step, batch in enumerate(train_ds.iter_batches(recipe.batch_size, shuffle=True, drop_last=True)):
         info = recipe.training_step(batch, optimizer, step)       # {"loss": ...}
     R, origins_A, branch = recipe.infer(batch)
     volume_xyz = recipe.volume()
+
+    # or the whole run, checkpointed, with its outputs (xrai train --method cryoposenet on a .star set):
+    from xrai.recon.cryoem_train import train_cryoem
+    train_cryoem(cfg, "cryoposenet", 0, "train.star", "test.star", "out/run0")
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from torch import nn
 from xrai.errors import XraiError
 from xrai.fourier import fourier_volume, sample_fourier
 from xrai.imaging import ImagingModel
+from xrai.recon.cryoem_gradient import CryoemGradientRecipe
 from xrai.rotations import sixd_to_matrix
 
 logger = logging.getLogger(__name__)
@@ -67,10 +72,13 @@ PROJECTORS = ("fourier", "real_space")
 
 @dataclass
 class CryoPoseNetSettings:
-    """Knobs of cryoPoseNet (config ``train.cryoposenet``); the defaults are the paper's (section 3)."""
+    """Knobs of cryoPoseNet (config ``train.cryoposenet``); the defaults are the paper's (section 3).
 
-    steps: int = 10000
-    batch_size: int = 32
+    ``steps`` (default ``train.steps``; the paper: 10,000), ``batch_size`` (the paper's 32) and ``pad``
+    (the imaging model's Fourier padding, default 2) are the loop's
+    (:class:`xrai.recon.cryoem_gradient.CryoemGradientRecipe`).
+    """
+
     lr: float = 5e-4
     channels: tuple[int, ...] = (32, 64, 128)
     mlp: tuple[int, ...] = (512, 512)
@@ -81,7 +89,7 @@ class CryoPoseNetSettings:
 
     @classmethod
     def from_config(cls, cfg: dict) -> CryoPoseNetSettings:
-        """``train.cryoposenet`` over the defaults (the section's ``steps``/``batch_size``, else the paper's)."""
+        """``train.cryoposenet`` over the defaults (keys of the loop's aside)."""
         section = dict((cfg.get("train") or {}).get("cryoposenet") or {})
         out = cls()
         for f in fields(cls):
@@ -170,20 +178,27 @@ def project(volume_xyz: torch.Tensor, R: torch.Tensor, imaging: ImagingModel, ba
 # --------------------------------------------------------------------------- the recipe
 
 
-class CryoPoseNetRecipe:
+class CryoPoseNetRecipe(CryoemGradientRecipe):
     """cryoPoseNet on a cryo-EM particle set (this module's docstring): poses from the encoder, true shifts."""
 
     name: str = "cryoposenet"
     estimates_shifts: bool = False
+    default_batch_size: int = 32  # the paper's
 
     def __init__(self, cfg: dict, imaging: ImagingModel, seed: int) -> None:
-        self.cfg, self.imaging, self.seed = cfg, imaging, int(seed)
+        super().__init__(cfg, imaging, seed)
         self.s = CryoPoseNetSettings.from_config(cfg)
         gen = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)  # the encoder's default initialisation
-        self.model = CryoPoseNetModel(imaging.size, self.s.channels, self.s.mlp, self.s.init_amplitude, generator=gen)
+        self.model: CryoPoseNetModel = CryoPoseNetModel(imaging.size, self.s.channels, self.s.mlp,
+                                                        self.s.init_amplitude, generator=gen)
         logger.info("cryoPoseNet: %d px, %s projector, encoder %d parameters, volume %d voxels", imaging.size,
                     self.s.projector, sum(p.numel() for p in self.model.encoder.parameters()), self.model.voxels.numel())
+
+    @classmethod
+    def imaging_pad(cls, cfg: dict) -> int:
+        """``train.cryoposenet.pad``, default 2: the CTF on the 2x padded grid, as the simulator (and the paper's) filter."""
+        return int(((cfg.get("train") or {}).get(cls.section_name()) or {}).get("pad", 2))
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """The paper's optimiser: one Adam over the encoder weights and the voxels."""
@@ -205,8 +220,9 @@ class CryoPoseNetRecipe:
         if not rms > 0:
             raise XraiError(f"{getattr(dataset, 'path', dataset)}: the particle images are all zero")
         gen = torch.Generator().manual_seed(self.seed + 1)
-        R = sixd_to_matrix(torch.randn(min(n, 32), 6, generator=gen))
-        sub = {k: v[:len(R)] for k, v in batch.items()}
+        device = self.model.voxels.device
+        R = sixd_to_matrix(torch.randn(min(n, 32), 6, generator=gen)).to(device)
+        sub = {k: v[:len(R)].to(device) if k != "index" else v[:len(R)] for k, v in batch.items()}
         self.model.volume_scale.fill_(1.0 / self.s.init_amplitude)  # the start, seen as voxels in [0, 1)
         pred_rms = float(self.render(R, sub).pow(2).mean().sqrt())
         self.model.image_scale.fill_(rms)
@@ -235,16 +251,10 @@ class CryoPoseNetRecipe:
         self.model.eval()
         R = self.model.poses(batch["images"])
         b = len(R)
-        shifts = batch["shifts_A"].float() if "shifts_A" in batch else torch.zeros(b, 2)
-        return R, shifts, torch.zeros(b, dtype=torch.int8)
+        shifts = batch["shifts_A"].float() if "shifts_A" in batch else torch.zeros(b, 2, device=R.device)
+        return R, shifts, torch.zeros(b, dtype=torch.int8, device=R.device)
 
     @torch.no_grad()
     def volume(self) -> torch.Tensor:
         """The voxel volume ``[x, y, z]`` (N³, origin at N // 2) in the images' units."""
         return self.model.potential().detach().clone()
-
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
