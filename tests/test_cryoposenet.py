@@ -98,6 +98,24 @@ def test_settings_are_the_papers_and_bad_keys_fail():
         CryoPoseNetSettings.from_config({"train": {"cryoposenet": {"projector": "nufft"}}})
 
 
+def test_config_schema_defaults_are_the_settings(repo_root, tmp_path):
+    from dataclasses import asdict
+
+    import yaml
+
+    from xrai.config import load_config
+
+    cfg = load_config(repo_root / "config" / "cryoem-test.yaml")
+    section = cfg["train"]["cryoposenet"]
+    defaults = asdict(CryoPoseNetSettings())
+    assert {k: tuple(v) if isinstance(v, list) else v for k, v in section.items()} == defaults
+    bad = yaml.safe_load((repo_root / "config" / "cryoem-test.yaml").read_text())
+    bad["train"]["cryoposenet"] = {"projector": "nufft"}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(XraiError, match="projector"):
+        load_config(tmp_path / "bad.yaml")
+
+
 def test_training_steps_lower_the_loss_and_state_round_trips(adk_sets):
     torch.manual_seed(0)
     # 10x the paper's learning rate: a visible drop within a few steps
