@@ -62,7 +62,8 @@ def test_package_never_imports_snakemake():
 
 @pytest.mark.parametrize("recipe_module", ["xrai.recon.recipe", "xrai.recon.paper", "xrai.recon.abinitio",
                                            "xrai.recon.models", "xrai.recon.losses",
-                                           "xrai.recon.cryoem", "xrai.recon.wiener", "xrai.recon.cryoai"])
+                                           "xrai.recon.cryoem", "xrai.recon.wiener", "xrai.recon.cryoai",
+                                           "xrai.recon.cryoposenet"])
 def test_recipes_reach_physics_only_through_the_imaging_interface(recipe_module):
     deps = import_graph()[recipe_module]
     assert not [d for d in deps if within(d, PHYSICS)]

@@ -1,7 +1,8 @@
 """Cryo-EM reconstruction with known answers: the Wiener known-pose bound, the fast default, the evaluation.
 
-A blob volume (tests/test_relion_reference.py's) is projected by the simulator's Fourier-slice
-projector, filtered by CTF and shifts, given white noise at 0 dB and written as a RELION 3.1 set
+The particle sets (fixtures ``particle_sets``, ``adk_sets`` of tests/conftest.py, made by
+tests/cryoem_sets.py): a blob volume or 4AKE projected by the simulator's Fourier-slice
+projector, filtered by CTF and shifts, given white noise at 0 dB, written as RELION 3.1 sets
 with the independent writer of tests/relion_reference.py. The true poses must reconstruct it;
 random poses must not; the fast default must find poses far below chance error.
 """

@@ -6,7 +6,7 @@ if modality(config) == "cryoem" and METHODS:
     ruleorder: evaluate_cryoem > evaluate
 
     rule train_cryoem:
-        """One cryo-EM reconstruction: the fast default (xrai), the known-pose Wiener bound, or cryoAI."""
+        """One cryo-EM reconstruction: the fast default (xrai), the known-pose Wiener bound, cryoAI or cryoPoseNet."""
         input:
             train=f"{RES}/datasets/{{protein}}/train_{{size}}.star",
             test=f"{RES}/datasets/{{protein}}/test_{TEST_SIZE}.star",
@@ -21,7 +21,7 @@ if modality(config) == "cryoem" and METHODS:
         benchmark:
             f"{RES}/benchmarks/train_cryoem/{{protein}}/{{size}}/{{method}}/run{{run}}.tsv"
         wildcard_constraints:
-            method="xrai|known-pose|xrai-known-pose|cryoai",
+            method="xrai|known-pose|xrai-known-pose|cryoai|cryoposenet",
         conda:
             "../../envs/xrai.yaml"
         threads: rule_threads("train")

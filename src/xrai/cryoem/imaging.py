@@ -32,6 +32,7 @@ import logging
 import torch
 
 from xrai.cryoem.ctf import CtfParams, ctf_rfft, shift_phase
+from xrai.cryoem.projection import project_real_space
 from xrai.fourier import fourier_grid
 from xrai.imaging import ImagingModel
 from xrai.volume import ReciprocalGrid
@@ -117,6 +118,15 @@ class CentralSliceImaging(ImagingModel):
         lo = (m - n) // 2
         full = torch.fft.fftshift(torch.fft.irfft2(spectrum, s=(m, m)), dim=(-2, -1))
         return full[..., lo:lo + n, lo:lo + n]
+
+    def real_space_projection(self, volume_xyz: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        """Clean images ``(B, N, N)``: ``V(R r)`` of a real-space ``[x, y, z]`` N³ volume resampled trilinearly on the
+        rotated grid and summed along z, at xrai poses ``R`` (B, 3, 3). Differentiable in both (the recipes' way to
+        the real-space projector, :func:`xrai.cryoem.projection.project_real_space`)."""
+        if tuple(volume_xyz.shape) != (self.size,) * 3:
+            raise ValueError(f"volume must be {(self.size,) * 3}, got {tuple(volume_xyz.shape)}")
+        # project_real_space takes [z, y, x] volumes and RELION matrices A = R^T
+        return project_real_space(volume_xyz.permute(2, 1, 0), R.transpose(-1, -2))
 
     # -- per-image factors
     def ctf(self, batch: dict | None) -> torch.Tensor | None:

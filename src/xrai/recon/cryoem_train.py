@@ -30,12 +30,14 @@ from xrai.recon.cryoai import CryoAIRecipe
 from xrai.recon.cryoem import CryoemSearchRecipe
 from xrai.recon.cryoem_gradient import CryoemGradientRecipe, train_cryoem_gradient
 from xrai.recon.cryoem_outputs import infer_all, true_poses, write_poses
+from xrai.recon.cryoposenet import CryoPoseNetRecipe
 from xrai.recon.wiener import WienerMerge
 
 logger = logging.getLogger(__name__)
 
 #: cryo-EM methods trained by gradient steps (:mod:`xrai.recon.cryoem_gradient`): name -> recipe class
-GRADIENT_METHODS: dict[str, type[CryoemGradientRecipe]] = {"cryoai": CryoAIRecipe}
+GRADIENT_METHODS: dict[str, type[CryoemGradientRecipe]] = {CryoAIRecipe.name: CryoAIRecipe,
+                                                           CryoPoseNetRecipe.name: CryoPoseNetRecipe}
 #: method names that run on cryo-EM sets -> what runs
 CRYOEM_METHODS = {"xrai": "xrai", "xrai-cryoem": "xrai", "known-pose": "cryoem-known-pose",
                   "xrai-known-pose": "cryoem-known-pose", "cryoem-known-pose": "cryoem-known-pose",
