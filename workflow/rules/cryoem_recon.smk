@@ -64,7 +64,11 @@ if modality(config) == "cryoem" and METHODS:
                 method=METHODS,
             ),
         output:
-            md=f"{RES}/tables/cryoem_table.md",
+            md=report(
+                f"{RES}/tables/cryoem_table.md",
+                caption="../report/cryoem_table.rst",
+                category="Cryo-EM tables",
+            ),
             csv=f"{RES}/tables/cryoem_table.csv",
         log:
             f"{RES}/logs/table_cryoem.log",

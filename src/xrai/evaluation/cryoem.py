@@ -99,7 +99,11 @@ def per_image_errors(poses: dict, R_true: torch.Tensor, shifts_true_A: np.ndarra
 
 def pose_metrics(poses: dict, R_true: torch.Tensor, shifts_true_A: np.ndarray | None, pixel_size_A: float) -> dict:
     """Rotation and shift errors of one split (see the module docstring)."""
-    from xrai.evaluation.metrics import aligned_folded_rotations, frobenius_sq_error, summarize_pose_errors
+    from xrai.evaluation.metrics import (
+        aligned_folded_rotations,
+        frobenius_sq_error,
+        summarize_pose_errors,
+    )
 
     e = per_image_errors(poses, R_true, shifts_true_A)
     err, A, flipped = e["rotation_deg"], e["A"], e["flipped"]
