@@ -4,6 +4,7 @@
 if modality(config) == "cryoem" and METHODS:
 
     ruleorder: evaluate_cryoem > evaluate
+    ruleorder: train_cryoem > train  # the poses files have the same paths in both modalities
 
     rule train_cryoem:
         """One cryo-EM reconstruction: the fast default (xrai) or the known-pose Wiener bound."""
