@@ -25,9 +25,11 @@ def job_counts(output: str) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)}
 
 
-def test_lint_is_clean():
-    res = snakemake("--lint")
+@pytest.mark.parametrize("configfile", [None, "config/cryoem-test.yaml"])
+def test_lint_is_clean(configfile):
+    res = snakemake("--lint", *(["--configfile", str(REPO / configfile)] if configfile else []))
     assert res.returncode == 0, res.stdout + res.stderr
+    assert "Congratulations" in res.stdout + res.stderr
 
 
 def test_dry_run_paper_config_lists_every_job(tmp_path):
@@ -218,6 +220,8 @@ def test_cryoem_pipeline_poses_far_below_chance(cryoem_pipeline_dir):
         chance = pose_metrics({"rotations": R.double(), "shifts_A": shifts, "index": np.arange(len(ds))},
                               ds.true_rotations(), shifts, ds.pixel_size_A)
     assert chance["median_deg"] > 40.0
+    print(f"cryo-EM fast default: median test pose error {m['pose_error_test']['median_deg']:.2f} deg "
+          f"(random rotations: {chance['median_deg']:.1f}), resolution {m['resolution']['0.5']['A']:.2f} A")
 
 
 @pytest.mark.slow
