@@ -26,7 +26,7 @@ from xrai.evaluation import cryoem as evaluate_cryoem
 from xrai.evaluation import evaluate
 from xrai.io import write_failure
 from xrai.recon import emc, train
-from xrai.report import cryoem_table, figures, table
+from xrai.report import cryoem_figures, cryoem_table, figures, table
 from xrai.xray import density, phasing, simulate
 
 logger = logging.getLogger(__name__)
@@ -84,6 +84,10 @@ COMMANDS: dict[str, tuple[Callable, Callable, str, str]] = {
     "figures": (figures.add_arguments, figures.run, "figures for the report",
                 "xrai figures --kind protein --metrics results/metrics/2CEX_A/*/*/metrics.json "
                 "--out-dir results/figures/2CEX_A"),
+    "figures-cryoem": (cryoem_figures.add_arguments, cryoem_figures.run,
+                       "cryo-EM figures: particle images, FSC, pose errors, density slices",
+                       "xrai figures-cryoem "
+                       "--metrics results/metrics/4AKE/*/*/metrics.json --out-dir results/figures/4AKE"),
 }
 
 

@@ -101,8 +101,9 @@ def cryoem_outputs():
     stars = expand(f"{RES}/datasets/{{protein}}/train_{{size}}.star", protein=PROTEINS, size=TRAIN_SIZES)
     stars += expand(f"{RES}/datasets/{{protein}}/test_{TEST_SIZE}.star", protein=PROTEINS)
     outputs = stars + expand(f"{RES}/reference/{{protein}}/potential.mrc", protein=PROTEINS)
-    if METHODS:  # with a train section: reconstructions, metrics and the tables (cryoem_recon.smk)
+    if METHODS:  # with a train section: reconstructions, metrics, tables (cryoem_recon.smk), figures (report_cryoem.smk)
         outputs.append(f"{RES}/tables/cryoem_table.md")
+        outputs += expand(f"{RES}/figures/{{protein}}/cryoem_images.png", protein=PROTEINS)
     return outputs
 
 

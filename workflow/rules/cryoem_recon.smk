@@ -4,6 +4,7 @@
 if modality(config) == "cryoem" and METHODS:
 
     ruleorder: evaluate_cryoem > evaluate
+    ruleorder: train_cryoem > train  # the poses files have the same paths in both modalities
 
     rule train_cryoem:
         """One cryo-EM reconstruction: the fast default (xrai), the known-pose Wiener bound, cryoAI or cryoPoseNet."""
@@ -64,7 +65,11 @@ if modality(config) == "cryoem" and METHODS:
                 method=METHODS,
             ),
         output:
-            md=f"{RES}/tables/cryoem_table.md",
+            md=report(
+                f"{RES}/tables/cryoem_table.md",
+                caption="../report/cryoem_table.rst",
+                category="Cryo-EM tables",
+            ),
             csv=f"{RES}/tables/cryoem_table.csv",
         log:
             f"{RES}/logs/table_cryoem.log",

@@ -71,26 +71,21 @@ def fit_frame_translation(d: np.ndarray, R_true: np.ndarray, sign: np.ndarray) -
     return c
 
 
-def pose_metrics(poses: dict, R_true: torch.Tensor, shifts_true_A: np.ndarray | None, pixel_size_A: float) -> dict:
-    """Rotation and shift errors of one split (see the module docstring)."""
-    from xrai.evaluation.metrics import (
-        aligned_folded_rotations,
-        frobenius_sq_error,
-        pose_errors_deg,
-        summarize_pose_errors,
-    )
+def per_image_errors(poses: dict, R_true: torch.Tensor, shifts_true_A: np.ndarray | None) -> dict:
+    """Per-image errors of one split: ``rotation_deg`` (N,), ``shift_A`` (N,) or None, and the fit behind them.
+
+    Also ``A`` (the global rotation), ``flipped`` (N,) bool (on the pi branch) and
+    ``frame_translation_A`` (3,) or None (see the module docstring). :func:`pose_metrics`
+    summarises these; the report's histograms draw them.
+    """
+    from xrai.evaluation.metrics import pose_errors_deg
     from xrai.rotations import RZ_PI, angle_between
 
     R_pred = poses["rotations"]
     err, A = pose_errors_deg(R_pred, R_true)
     aligned = A @ R_pred
     flipped = angle_between(aligned @ RZ_PI.to(aligned), R_true) < angle_between(aligned, R_true)
-    folded = aligned_folded_rotations(R_pred, R_true, A)
-    out = summarize_pose_errors(err, frobenius_sq_error(folded, R_true))
-    majority = bool(flipped.double().mean() > 0.5)
-    out |= {"mae_deg": out["mean_deg"], "rmse_deg": math.sqrt(out["mse_deg2"]),
-            "pi_flip_fraction": float((flipped != majority).double().mean()), "hand_flipped": majority,
-            "global_rotation": A.tolist()}
+    out = {"rotation_deg": err, "A": A, "flipped": flipped, "shift_A": None, "frame_translation_A": None}
     if poses["shifts_A"] is not None and shifts_true_A is not None:
         d = poses["shifts_A"] - shifts_true_A
         sign = np.where(flipped.numpy(), -1.0, 1.0)
@@ -98,9 +93,31 @@ def pose_metrics(poses: dict, R_true: torch.Tensor, shifts_true_A: np.ndarray | 
         use = good if good.sum() >= 10 else np.ones_like(good)
         c = fit_frame_translation(d[use], R_true.numpy()[use], sign[use])
         resid = d - sign[:, None] * np.einsum("nji,j->ni", R_true.numpy(), c)[:, :2]
-        e = np.linalg.norm(resid, axis=1)
-        out["shift_error"] = {"median_A": float(np.median(e)), "mean_A": float(e.mean()),
-                              "mse_px2": float(np.mean((e / pixel_size_A) ** 2)), "frame_translation_A": c.tolist()}
+        out["shift_A"], out["frame_translation_A"] = np.linalg.norm(resid, axis=1), c
+    return out
+
+
+def pose_metrics(poses: dict, R_true: torch.Tensor, shifts_true_A: np.ndarray | None, pixel_size_A: float) -> dict:
+    """Rotation and shift errors of one split (see the module docstring)."""
+    from xrai.evaluation.metrics import (
+        aligned_folded_rotations,
+        frobenius_sq_error,
+        summarize_pose_errors,
+    )
+
+    e = per_image_errors(poses, R_true, shifts_true_A)
+    err, A, flipped = e["rotation_deg"], e["A"], e["flipped"]
+    folded = aligned_folded_rotations(poses["rotations"], R_true, A)
+    out = summarize_pose_errors(err, frobenius_sq_error(folded, R_true))
+    majority = bool(flipped.double().mean() > 0.5)
+    out |= {"mae_deg": out["mean_deg"], "rmse_deg": math.sqrt(out["mse_deg2"]),
+            "pi_flip_fraction": float((flipped != majority).double().mean()), "hand_flipped": majority,
+            "global_rotation": A.tolist()}
+    if e["shift_A"] is not None:
+        s = e["shift_A"]
+        out["shift_error"] = {"median_A": float(np.median(s)), "mean_A": float(s.mean()),
+                              "mse_px2": float(np.mean((s / pixel_size_A) ** 2)),
+                              "frame_translation_A": e["frame_translation_A"].tolist()}
     return out
 
 
