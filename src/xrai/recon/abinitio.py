@@ -84,9 +84,11 @@ MIN_WEIGHT = 1e-2
 #: ``train.xrai.poisson``'s defaults: at a few thousand photons per pattern an image's pose is
 #: uncertain by ~1.5 degrees even against the true volume, and the encoder's guess is often
 #: further off, so inference scores every pixel, starts the pattern search at 8 degrees and adds
-#: the 15-degree grid to the encoder's candidates (docs/method.md, "Photon counts": measured)
+#: the 15-degree grid to the encoder's candidates; the running-average volume of the steps is
+#: noisier than one merged from every image, so three polish passes re-assign and re-merge the
+#: whole training set (docs/method.md, "Photon counts": measured)
 POISSON_OVERRIDES = {"infer_pixels": 4096, "infer_refine_deg": [8.0, 4.0, 2.0, 1.0, 0.5, 0.25],
-                     "infer_search_level": 2}
+                     "infer_search_level": 2, "polish_passes": 3}
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,6 @@ class XraiSettings:
     infer_search_level: int = -1
     memory_images: tuple[int, int] = (2048, 8192)
     polish_passes: int = 0
-    soft_merge_deg: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: dict, likelihood: str = "gaussian") -> XraiSettings:
@@ -133,7 +134,6 @@ class XraiSettings:
             infer_search_level=int(x.get("infer_search_level", d.infer_search_level)),
             memory_images=tuple(int(v) for v in x.get("memory_images", d.memory_images)),
             polish_passes=int(x.get("polish_passes", d.polish_passes)),
-            soft_merge_deg=float(x.get("soft_merge_deg", d.soft_merge_deg)),
         )
 
     def q_fraction(self, step: int) -> float:
@@ -631,26 +631,19 @@ class XraiRecipe(Recipe):
         return bg if bool((bg > 0).any()) else None
 
     @torch.no_grad()
-    def _splat(self, model: XraiModel, R: torch.Tensor, data: torch.Tensor, pixels: torch.Tensor,
-               posterior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _splat(self, model: XraiModel, R: torch.Tensor, data: torch.Tensor,
+               pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Splats (sums, weights) of images (``data`` (B, H*W): z, or counts for Poisson) at poses ``R``
-        (B, 3, 3) on ``pixels``; with ``posterior`` (B, C), ``R`` is (B, C, 3, 3) and every image is
-        merged at its C candidate poses with those weights (a soft assignment).
+        (B, 3, 3) on ``pixels`` (:meth:`MergedVoxelVolume.splat`; the volume is not changed).
 
         Poisson: the fluence of every image is fitted at its pose, the counts are split into
         their expected signal share ``c * phi mu / (phi mu + b)`` when there is a background,
         and merged with weights ``phi * profile^2`` (Poisson EM's M-step).
         """
-        if posterior is not None:  # one row per (image, candidate)
-            C = R.shape[1]
-            R = R.reshape(-1, 3, 3)
-            data = data.repeat_interleave(C, dim=0)
-            posterior = posterior.reshape(-1, 1)
         k = torch.einsum("bij,pj->bpi", R, model.q_pixels[pixels])
         values = data[:, pixels]
         if not self.poisson:
-            weights = None if posterior is None else posterior.expand_as(values)
-            return model.decoder.splat(k, values if posterior is None else values * posterior, weights)
+            return model.decoder.splat(k, values)
         bg = self._score_background(model, pixels)
         mu = model.expected_counts(k, pixels)
         phi = estimate_fluence(values, mu, bg)
@@ -658,8 +651,6 @@ class XraiRecipe(Recipe):
             signal = phi[:, None] * mu
             values = values * signal / (signal + bg).clamp_min(1e-12)
         weights = phi[:, None] * model.profile.reshape(-1)[pixels] ** 2
-        if posterior is not None:
-            values, weights = values * posterior, weights * posterior
         return model.decoder.splat(k, values, weights.expand_as(values))
 
     @torch.no_grad()
@@ -773,36 +764,18 @@ class XraiRecipe(Recipe):
 
     # -- after the steps
     @torch.no_grad()
-    def local_posterior(self, model: XraiModel, R: torch.Tensor, data: torch.Tensor,
-                        pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Candidates (B, 13, 3, 3) around poses ``R`` (the identity and rotations by +-d and +-d/2 about x, y, z,
-        ``d = soft_merge_deg``) and their posterior (B, 13): the softmax of the Poisson log-likelihood of
-        the counts on ``pixels`` (summed over the pixels, each candidate at its fitted fluence)."""
-        d = self.settings.soft_merge_deg
-        moves = torch.cat([pattern_moves(d, R.device), pattern_moves(d / 2, R.device)[1:]])
-        cands = R[:, None] @ moves[None]
-        nll = candidate_losses(model, cands, data[:, pixels], pixels, self._score_background(model, pixels))
-        return cands, torch.softmax(-nll * pixels.numel(), dim=1)
-
-    @torch.no_grad()
     def finish(self, model: XraiModel, dataset: Any, device: torch.device, batch_size: int) -> bool:
         """``polish_passes`` full-data EM iterations after the steps; True if the volume changed.
 
         Each pass infers the pose of every training image against the current volume
         (:meth:`infer_poses`: the same encoder, grid and pattern search as the test images), and
-        then replaces the volume by the merge of all of them at once, nothing forgotten (the
-        M-step over the whole set). With ``soft_merge_deg`` > 0 (Poisson), every image is merged at
-        13 poses around its inferred one, weighted by their posterior (:meth:`local_posterior`).
-        The cost of a pass is one inference of the training set (it grows with ``N``); the
+        then replaces the volume by the merge of all of them at once at those poses, nothing
+        forgotten (the M-step of hard-assignment EM over the whole set). The cost of a pass is one inference of the training set (it grows with ``N``); the
         images are streamed in batches and only the two merged sums are kept (memory stays flat).
         """
         s = self.settings
         if s.polish_passes <= 0:
             return False
-        soft = s.soft_merge_deg > 0 and self.poisson
-        if s.soft_merge_deg > 0 and not self.poisson:
-            logger.warning("xrai: soft_merge_deg needs the Poisson likelihood; the %s polish merges hard",
-                           self.likelihood)
         was_training = model.training
         model.eval()
         pixels = self._pixels_within(model, 1.0)
@@ -815,16 +788,13 @@ class XraiRecipe(Recipe):
                     batch = self.batch(dataset.read(start, min(start + batch_size, n)), device)
                     data, _ = self.observe(model, batch)
                     R, _ = self.infer_poses(model, batch)
-                    posterior = None
-                    if soft:
-                        R, posterior = self.local_posterior(model, R, data, pixels)
-                    a, b = self._splat(model, R, data, pixels, posterior)
+                    a, b = self._splat(model, R, data, pixels)
                     sums, weights = (a, b) if sums is None else (sums + a, weights + b)
                 if sums is None:
                     return False
                 model.decoder.accumulate(sums, weights, decay=0.0)
-                logger.info("xrai polish pass %d/%d: %d images re-assigned and merged (%s) in %.1f s",
-                            p + 1, s.polish_passes, n, "soft" if soft else "hard", time.perf_counter() - t0)
+                logger.info("xrai polish pass %d/%d: %d images re-assigned and merged in %.1f s",
+                            p + 1, s.polish_passes, n, time.perf_counter() - t0)
         finally:
             model.train(was_training)
         return True
