@@ -826,6 +826,10 @@ class XraiKnownPoseRecipe(XraiRecipe):
         self._merge(model, R, data, pixels, decay=1.0)
         return {"loss": float(loss.mean())}
 
+    def finish(self, model: XraiModel, dataset: Any, device: torch.device, batch_size: int) -> bool:
+        """No polish passes: every image is already merged at its true pose."""
+        return False
+
     @torch.no_grad()
     def infer(self, model: XraiModel, batch: Batch) -> SymmetrizedLoss:
         R = batch.rotations.to(batch.amplitude.dtype)
