@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,9 +84,11 @@ MIN_WEIGHT = 1e-2
 #: ``train.xrai.poisson``'s defaults: at a few thousand photons per pattern an image's pose is
 #: uncertain by ~1.5 degrees even against the true volume, and the encoder's guess is often
 #: further off, so inference scores every pixel, starts the pattern search at 8 degrees and adds
-#: the 15-degree grid to the encoder's candidates (docs/method.md, "Photon counts": measured)
+#: the 15-degree grid to the encoder's candidates; the running-average volume of the steps is
+#: noisier than one merged from every image, so three polish passes re-assign and re-merge the
+#: whole training set (docs/method.md, "Photon counts": measured)
 POISSON_OVERRIDES = {"infer_pixels": 4096, "infer_refine_deg": [8.0, 4.0, 2.0, 1.0, 0.5, 0.25],
-                     "infer_search_level": 2}
+                     "infer_search_level": 2, "polish_passes": 3}
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ class XraiSettings:
     infer_pixels: int = 512
     infer_search_level: int = -1
     memory_images: tuple[int, int] = (2048, 8192)
+    polish_passes: int = 0
 
     @classmethod
     def from_config(cls, cfg: dict, likelihood: str = "gaussian") -> XraiSettings:
@@ -129,6 +133,7 @@ class XraiSettings:
             infer_pixels=int(x.get("infer_pixels", d.infer_pixels)),
             infer_search_level=int(x.get("infer_search_level", d.infer_search_level)),
             memory_images=tuple(int(v) for v in x.get("memory_images", d.memory_images)),
+            polish_passes=int(x.get("polish_passes", d.polish_passes)),
         )
 
     def q_fraction(self, step: int) -> float:
@@ -239,6 +244,8 @@ class MergedVoxelVolume(nn.Module):
         self.register_buffer("radial", torch.ones(PROFILE_BINS))
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("relative", torch.ones(n, n, n))
+        #: incremented by every :meth:`refresh` (caches of slices key on it)
+        self.version = 0
 
     # -- profile
     def radial_at(self, q_abs: torch.Tensor) -> torch.Tensor:
@@ -254,6 +261,11 @@ class MergedVoxelVolume(nn.Module):
         ok = self.weight > MIN_WEIGHT
         self.relative = torch.where(ok, self.weighted_sum / self.weight.clamp_min(MIN_WEIGHT),
                                     torch.ones_like(self.weight))
+        self.version += 1
+
+    def state_key(self) -> tuple:
+        """Changes whenever ``relative`` may have changed (refresh, assignment, in-place copy)."""
+        return (self.version, self.relative.data_ptr(), self.relative._version)
 
     def sample_relative(self, k: torch.Tensor) -> torch.Tensor:
         """``v(k)`` (no profile), trilinear; ``k`` (..., 3) in Angstrom^-1."""
@@ -272,13 +284,10 @@ class MergedVoxelVolume(nn.Module):
         return out.reshape(coordinates.shape[:-1])
 
     @torch.no_grad()
-    def merge(self, k: torch.Tensor, values: torch.Tensor, decay: float, weights: torch.Tensor | None = None) -> None:
-        """``sums <- decay * sums + splat(values at k and -k)``, ``weight <- decay * weight + splat(weights)``
-        (``weights`` 1 if not given: ``v`` is then the mean value); then :meth:`refresh`.
-
-        The Poisson merge passes the counts as ``values`` and ``phi * expected`` as ``weights``:
-        ``v = sum counts / sum phi * profile``, the M-step of Poisson EM (hard assignments).
-        """
+    def splat(self, k: torch.Tensor, values: torch.Tensor,
+              weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Trilinear splats ``(sum of values, sum of weights)`` (n, n, n) of ``values`` at ``k`` and ``-k``
+        (Friedel's law); ``weights`` 1 if not given. The buffers are not touched (:meth:`merge` adds them)."""
         k = k.reshape(-1, 3)
         values = values.reshape(-1)
         k = torch.cat([k, -k])
@@ -299,10 +308,25 @@ class MergedVoxelVolume(nn.Module):
             lin = (ii[:, 0] * n + ii[:, 1]) * n + ii[:, 2]
             acc_v.index_add_(0, lin, w * values)
             acc_w.index_add_(0, lin, w if wts is None else w * wts)
-        self.weighted_sum.mul_(decay).add_(acc_v.reshape(n, n, n))
-        self.weight.mul_(decay).add_(acc_w.reshape(n, n, n))
-        self.refresh()
+        return acc_v.reshape(n, n, n), acc_w.reshape(n, n, n)
 
+    @torch.no_grad()
+    def merge(self, k: torch.Tensor, values: torch.Tensor, decay: float, weights: torch.Tensor | None = None) -> None:
+        """``sums <- decay * sums + splat(values at k and -k)``, ``weight <- decay * weight + splat(weights)``
+        (``weights`` 1 if not given: ``v`` is then the mean value); then :meth:`refresh`.
+
+        The Poisson merge passes the counts as ``values`` and ``phi * expected`` as ``weights``:
+        ``v = sum counts / sum phi * profile``, the M-step of Poisson EM (hard assignments).
+        """
+        self.accumulate(*self.splat(k, values, weights), decay=decay)
+
+    @torch.no_grad()
+    def accumulate(self, sums: torch.Tensor, weights: torch.Tensor, decay: float) -> None:
+        """``sums <- decay * sums + sums``, the same for the weights (splats of :meth:`splat`); then :meth:`refresh`.
+        ``decay = 0`` replaces the volume by the given splats."""
+        self.weighted_sum.mul_(decay).add_(sums)
+        self.weight.mul_(decay).add_(weights)
+        self.refresh()
 
 
 class XraiModel(nn.Module):
@@ -367,12 +391,28 @@ def candidate_losses(model: XraiModel, R: torch.Tensor, z: torch.Tensor, pixels:
     return ((zc - c[..., None] * y) ** 2).mean(-1)
 
 
+def grid_slices(model: XraiModel, grid_R: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What :func:`grid_search` needs of the slices of rotations ``grid_R`` (M, 3, 3) at ``pixels``:
+    Poisson ``(log mu (M, P), log sum mu (M,))``, Gaussian ``(s (M, P), |s|^2 (M,))``.
+
+    They depend only on the volume, so inference computes them once per volume for every batch.
+    """
+    k = torch.einsum("mij,pj->mpi", grid_R, model.q_pixels[pixels])
+    if model.decoder.intensity:
+        mu = model.expected_counts(k, pixels)
+        return torch.log(mu.clamp_min(1e-6)), torch.log(mu.sum(1).clamp_min(1e-30))
+    sl = model.decoder.sample_relative(k)
+    return sl, (sl * sl).sum(1).clamp_min(1e-12)
+
+
 def grid_search(model: XraiModel, grid_R: torch.Tensor, z: torch.Tensor, pixels: torch.Tensor,
-                chunk: int = 8192, background: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                chunk: int = 8192, background: torch.Tensor | None = None,
+                slices: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rotation of ``grid_R`` (M, 3, 3) per image and its loss (the same loss as :func:`candidate_losses`).
 
-    The slices of all M rotations at the ``pixels`` are computed once; the loss of every
-    (image, rotation) pair is then a matrix product: Gaussian ``|z|^2 - max(z.s, 0)^2 / |s|^2``;
+    The slices of all M rotations at the ``pixels`` are computed once (or passed as ``slices``,
+    :func:`grid_slices` of the same rotations and pixels); the loss of every (image, rotation)
+    pair is then a matrix product: Gaussian ``|z|^2 - max(z.s, 0)^2 / |s|^2``;
     Poisson without background ``(C - c.log(mu) + C log(sum mu / C)) / P``. With a
     background the Poisson loss is evaluated per pair, 256 rotations at a time.
     """
@@ -384,19 +424,19 @@ def grid_search(model: XraiModel, grid_R: torch.Tensor, z: torch.Tensor, pixels:
     with_background = poisson and background is not None and bool((background > 0).any())
     if with_background:
         chunk = min(chunk, 256)
+    c_sum = z.sum(1, keepdim=True)
     for start in range(0, grid_R.shape[0], chunk):
         Rc = grid_R[start:start + chunk]
-        k = torch.einsum("mij,pj->mpi", Rc, q)
         if with_background:
+            k = torch.einsum("mij,pj->mpi", Rc, q)
             loss = fitted_poisson_nll(z[:, None, :], model.expected_counts(k, pixels)[None], background)
-        elif poisson:
-            mu = model.expected_counts(k, pixels)
-            c_sum = z.sum(1, keepdim=True)
-            loss = (c_sum - z @ torch.log(mu.clamp_min(1e-6)).T + c_sum * torch.log(mu.sum(1).clamp_min(1e-30))[None]
-                    - torch.xlogy(c_sum, c_sum)) / z.shape[1]
         else:
-            s = model.decoder.sample_relative(k)
-            loss = (zz - (z @ s.T).clamp_min(0) ** 2 / (s * s).sum(1).clamp_min(1e-12)) / z.shape[1]
+            a, b = (grid_slices(model, Rc, pixels) if slices is None
+                    else (slices[0][start:start + chunk], slices[1][start:start + chunk]))
+            if poisson:
+                loss = (c_sum - z @ a.T + c_sum * b[None] - torch.xlogy(c_sum, c_sum)) / z.shape[1]
+            else:
+                loss = (zz - (z @ a.T).clamp_min(0) ** 2 / b) / z.shape[1]
         lmin, imin = loss.min(dim=1)
         better = lmin < best_l
         best_l = torch.where(better, lmin, best_l)
@@ -467,6 +507,9 @@ class XraiRecipe(Recipe):
         super().__init__(cfg)
         self.settings = XraiSettings.from_config(cfg)
         self._grid_R: torch.Tensor | None = None
+        self._infer_grid_R: torch.Tensor | None = None
+        #: (volume state key, pixels, slices) of the inference grid (:func:`grid_slices`)
+        self._slices: tuple | None = None
 
     def configure(self, dataset: Any) -> None:
         """The base's likelihood, mask and background; then the settings for that likelihood."""
@@ -588,9 +631,10 @@ class XraiRecipe(Recipe):
         return bg if bool((bg > 0).any()) else None
 
     @torch.no_grad()
-    def _merge(self, model: XraiModel, R: torch.Tensor, data: torch.Tensor, pixels: torch.Tensor,
-               decay: float) -> None:
-        """Merge images (``data`` (B, H*W): z, or counts for Poisson) at poses ``R`` on ``pixels``.
+    def _splat(self, model: XraiModel, R: torch.Tensor, data: torch.Tensor,
+               pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Splats (sums, weights) of images (``data`` (B, H*W): z, or counts for Poisson) at poses ``R``
+        (B, 3, 3) on ``pixels`` (:meth:`MergedVoxelVolume.splat`; the volume is not changed).
 
         Poisson: the fluence of every image is fitted at its pose, the counts are split into
         their expected signal share ``c * phi mu / (phi mu + b)`` when there is a background,
@@ -599,8 +643,7 @@ class XraiRecipe(Recipe):
         k = torch.einsum("bij,pj->bpi", R, model.q_pixels[pixels])
         values = data[:, pixels]
         if not self.poisson:
-            model.decoder.merge(k, values, decay)
-            return
+            return model.decoder.splat(k, values)
         bg = self._score_background(model, pixels)
         mu = model.expected_counts(k, pixels)
         phi = estimate_fluence(values, mu, bg)
@@ -608,7 +651,29 @@ class XraiRecipe(Recipe):
             signal = phi[:, None] * mu
             values = values * signal / (signal + bg).clamp_min(1e-12)
         weights = phi[:, None] * model.profile.reshape(-1)[pixels] ** 2
-        model.decoder.merge(k, values, decay, weights=weights.expand_as(values))
+        return model.decoder.splat(k, values, weights.expand_as(values))
+
+    @torch.no_grad()
+    def _merge(self, model: XraiModel, R: torch.Tensor, data: torch.Tensor, pixels: torch.Tensor,
+               decay: float) -> None:
+        """Merge images (``data`` (B, H*W): z, or counts for Poisson) at poses ``R`` on ``pixels`` (:meth:`_splat`)
+        into the volume, whose older content decays by ``decay``."""
+        model.decoder.accumulate(*self._splat(model, R, data, pixels), decay=decay)
+
+    def inference_grid(self, device: torch.device) -> torch.Tensor:
+        """The rotations of the Hopf grid of ``infer_search_level``."""
+        if self._infer_grid_R is None or self._infer_grid_R.device != device:
+            self._infer_grid_R = quaternion_to_matrix(so3_grid(self.settings.infer_search_level)).float().to(device)
+        return self._infer_grid_R
+
+    def _grid_slices(self, model: XraiModel, grid_R: torch.Tensor,
+                     pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`grid_slices` of the inference grid, computed once per volume (every batch reuses them)."""
+        key = (id(model.decoder), model.decoder.state_key(), grid_R.shape[0])
+        c = self._slices
+        if c is None or c[0] != key or not torch.equal(c[1], pixels):
+            self._slices = c = (key, pixels.clone(), grid_slices(model, grid_R, pixels))
+        return c[2]
 
     def search_grid(self, device: torch.device) -> torch.Tensor:
         if self._grid_R is None or self._grid_R.device != device:
@@ -682,8 +747,9 @@ class XraiRecipe(Recipe):
         R = cands[torch.arange(B), best]
         branch = (best % 2).to(torch.int8)
         if s.infer_search_level >= 0:  # a fixed grid as extra candidates: the same cost for every image
-            grid_R = quaternion_to_matrix(so3_grid(s.infer_search_level)).float().to(z.device)
-            R_grid, grid_loss = grid_search(model, grid_R, data[:, pixels], pixels, background=bg)
+            grid_R = self.inference_grid(z.device)
+            slices = None if bg is not None else self._grid_slices(model, grid_R, pixels)
+            R_grid, grid_loss = grid_search(model, grid_R, data[:, pixels], pixels, background=bg, slices=slices)
             won = grid_loss < best_loss
             R = torch.where(won[:, None, None], R_grid, R)
             branch = torch.where(won, torch.zeros_like(branch), branch)
@@ -695,6 +761,43 @@ class XraiRecipe(Recipe):
     def infer(self, model: XraiModel, batch: Batch) -> SymmetrizedLoss:
         return rendered_loss(model, batch, *self.infer_poses(model, batch), mask=self._mask(model),
                              background=self._background(model).reshape(model.imaging.image_shape))
+
+    # -- after the steps
+    @torch.no_grad()
+    def finish(self, model: XraiModel, dataset: Any, device: torch.device, batch_size: int) -> bool:
+        """``polish_passes`` full-data EM iterations after the steps; True if the volume changed.
+
+        Each pass infers the pose of every training image against the current volume
+        (:meth:`infer_poses`: the same encoder, grid and pattern search as the test images), and
+        then replaces the volume by the merge of all of them at once at those poses, nothing
+        forgotten (the M-step of hard-assignment EM over the whole set). The cost of a pass is one inference of the training set (it grows with ``N``); the
+        images are streamed in batches and only the two merged sums are kept (memory stays flat).
+        """
+        s = self.settings
+        if s.polish_passes <= 0:
+            return False
+        was_training = model.training
+        model.eval()
+        pixels = self._pixels_within(model, 1.0)
+        n = len(dataset)
+        try:
+            for p in range(s.polish_passes):
+                t0 = time.perf_counter()
+                sums = weights = None
+                for start in range(0, n, batch_size):
+                    batch = self.batch(dataset.read(start, min(start + batch_size, n)), device)
+                    data, _ = self.observe(model, batch)
+                    R, _ = self.infer_poses(model, batch)
+                    a, b = self._splat(model, R, data, pixels)
+                    sums, weights = (a, b) if sums is None else (sums + a, weights + b)
+                if sums is None:
+                    return False
+                model.decoder.accumulate(sums, weights, decay=0.0)
+                logger.info("xrai polish pass %d/%d: %d images re-assigned and merged in %.1f s",
+                            p + 1, s.polish_passes, n, time.perf_counter() - t0)
+        finally:
+            model.train(was_training)
+        return True
 
 
 class XraiKnownPoseRecipe(XraiRecipe):
@@ -722,6 +825,10 @@ class XraiKnownPoseRecipe(XraiRecipe):
         loss = candidate_losses(model, R[:, None], data[:, pixels], pixels, self._score_background(model, pixels))
         self._merge(model, R, data, pixels, decay=1.0)
         return {"loss": float(loss.mean())}
+
+    def finish(self, model: XraiModel, dataset: Any, device: torch.device, batch_size: int) -> bool:
+        """No polish passes: every image is already merged at its true pose."""
+        return False
 
     @torch.no_grad()
     def infer(self, model: XraiModel, batch: Batch) -> SymmetrizedLoss:

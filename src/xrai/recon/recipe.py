@@ -72,8 +72,8 @@ class Recipe:
 
     The loop calls, in order: :meth:`build_model`, :meth:`build_optimizer`, :meth:`prepare`
     (fresh start only; its effects must live in the model's buffers or :meth:`state_dict`,
-    which the checkpoint saves), then :meth:`training_step` per step, :meth:`infer` for
-    evaluation and the pose files, and :meth:`decoder` to sample the volume.
+    which the checkpoint saves), then :meth:`training_step` per step, :meth:`finish` once after the
+    last step, :meth:`infer` for evaluation and the pose files, and :meth:`decoder` to sample the volume.
     """
 
     name = "base"
@@ -171,6 +171,11 @@ class Recipe:
         """Poses (corrected by the winning branch) and per-image loss, in eval mode."""
         weights, pixel_loss = self.pixel_terms(batch.amplitude.device)
         return symmetrized_l2(model, batch.amplitude, weights=weights, pixel_loss=pixel_loss)
+
+    def finish(self, model: nn.Module, dataset: Any, device: torch.device, batch_size: int) -> bool:
+        """After the last step, before the outputs (e.g. passes over the whole training set); True if it
+        changed the model. Not checkpointed: a resumed run at its final step runs it again."""
+        return False
 
     def state_dict(self) -> dict:
         """Extra recipe state to checkpoint (none here)."""

@@ -326,6 +326,18 @@ def train(
     finally:
         progress.close()
 
+    # ---- the recipe's passes after the steps (xrai: polish passes over the training set), then one more evaluation
+    t_finish = time.perf_counter()
+    if recipe.finish(model, train_ds, device, batch_size):
+        wall += time.perf_counter() - t_finish
+        row = {"step": step, "epoch": stream.epoch, "lr": optimizer.param_groups[0]["lr"],
+               "rss_mb": resource_usage(device)["rss_mb"]}
+        row.update(evaluate_poses(recipe, model, eval_batches))
+        row["wall_s"] = wall
+        rows.append(row)
+        if "test_pose_median_deg" in row:
+            logger.info("after %s's final passes: test pose median %.2f deg", method, row["test_pose_median_deg"])
+
     # ---- outputs, written once at the end (each atomically)
     logger.info("training done at step %d (%.1f min); writing outputs to %s", step, wall / 60, out)
     prov = provenance(None, seed) | {"method": method, "run": int(run), "steps": step, "train_data": info["train_data"],
