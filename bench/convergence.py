@@ -62,6 +62,18 @@ ABLATIONS = {
 }
 
 
+def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to ``cfg`` in place; returns it."""
+    for item in overrides:
+        key, value = item.split("=", 1)
+        node = cfg
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return cfg
+
+
 def xrai_cli() -> list[str]:
     return [sys.executable, "-m", "xrai.cli"]
 

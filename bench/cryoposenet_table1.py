@@ -34,22 +34,14 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from convergence import REPO, apply_overrides  # noqa: E402
+
 #: cryoPoseNet Table 1 (Nashed et al.): dataset -> (SNR dB or None, CTF, resolution Å, MAE °)
 PAPER = {"A": (None, False, 1.79, 0.62), "B": (10, False, 2.13, 0.69), "C": (5, False, 2.28, 0.84),
          "D": (0, False, 2.43, 0.86), "E": (-5, False, 2.56, 2.04), "F": (-10, False, 2.78, 3.20),
          "G": (0, True, 2.57, 1.12)}
 BUDGET_MIN = 30.0
-
-
-def set_value(cfg: dict, item: str) -> None:
-    """Apply one ``a.b.c=value`` override (the value parsed as YAML)."""
-    key, value = item.split("=", 1)
-    node = cfg
-    parts = key.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = yaml.safe_load(value)
 
 
 def bench_config(base: dict, datasets: list[str], methods: list[str], overrides: list[str]) -> dict:
@@ -59,9 +51,7 @@ def bench_config(base: dict, datasets: list[str], methods: list[str], overrides:
     cfg["proteins"] = [p for p in cfg["proteins"] if p["name"] in names]
     cfg["structure"]["mirror"] = os.environ.get("XRAI_PDB_MIRROR", cfg["structure"].get("mirror"))
     cfg.setdefault("train", {})["methods"] = [{"name": m} for m in methods]
-    for item in overrides:
-        set_value(cfg, item)
-    return cfg
+    return apply_overrides(cfg, overrides)
 
 
 def train_times_min(work: Path, protein: str, size: int, method: str) -> tuple[float, float]:

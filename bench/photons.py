@@ -38,7 +38,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convergence import REPO, asc_resolution, prepare_data, xrai_cli  # noqa: E402
+from convergence import REPO, apply_overrides, asc_resolution, prepare_data, xrai_cli  # noqa: E402
 
 METHODS = ("xrai", "emc", "xrai-known-pose")
 #: ``min_total_intensity`` of the level ``true``: every image keeps the beam's own fluence (scale >= 1)
@@ -52,14 +52,7 @@ def level_config(base: dict, level: str, n_train: int, n_test: int, overrides: l
     sim.update(poisson_noise=True, train_sizes=[n_train], test_size=n_test,
                min_total_intensity=TRUE_FLUENCE if level == "true" else float(level))
     cfg["structure"]["mirror"] = os.environ.get("XRAI_PDB_MIRROR", cfg["structure"].get("mirror"))
-    for item in overrides:
-        key, value = item.split("=", 1)
-        node = cfg
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value)
-    return cfg
+    return apply_overrides(cfg, overrides)
 
 
 def run_method(cfg: dict, method: str, paths: dict, out: Path, threads: int, env: dict,

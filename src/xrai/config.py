@@ -382,3 +382,29 @@ def config_hash(cfg: dict, keys: Iterable[str], exclude: Iterable[str] = ()) -> 
     one of ``keys`` re-runs the rule (docs/architecture.md, "Which config keys a step depends on")."""
     text = json.dumps(config_values(cfg, keys, exclude), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def settings_from_section(cls: type, section: dict) -> Any:
+    """A settings dataclass ``cls`` with its defaults replaced by ``section``'s keys, each cast to the
+    default's type (tuples element-wise, to the type of the default's first element).
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass
+    ... class S:
+    ...     steps: int = 10
+    ...     sizes: tuple = (1.0, 2.0)
+    >>> settings_from_section(S, {"steps": "20", "sizes": [3, 4]})
+    S(steps=20, sizes=(3.0, 4.0))
+    """
+    from dataclasses import fields
+
+    out = cls()
+    for f in fields(cls):
+        if f.name in section:
+            value, default = section[f.name], getattr(out, f.name)
+            if isinstance(default, tuple):
+                cast = type(default[0]) if default else int
+                setattr(out, f.name, tuple(cast(v) for v in value))
+            else:
+                setattr(out, f.name, type(default)(value))
+    return out

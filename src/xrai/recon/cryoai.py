@@ -46,12 +46,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from xrai.config import settings_from_section
 from xrai.fourier import real_volume
 from xrai.imaging import ImagingModel
 from xrai.recon.cryoem_gradient import CryoemGradientRecipe
@@ -88,13 +89,7 @@ class CryoAISettings:
 
     @classmethod
     def from_section(cls, section: dict) -> CryoAISettings:
-        out = cls()
-        for f in fields(cls):
-            if f.name in section:
-                default = getattr(out, f.name)
-                value = section[f.name]
-                setattr(out, f.name, tuple(int(v) for v in value) if isinstance(default, tuple) else type(default)(value))
-        return out
+        return settings_from_section(cls, section)
 
 
 def _mlp(f_in: int, hidden: Sequence[int], f_out: int) -> nn.Sequential:

@@ -32,12 +32,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from xrai.config import settings_from_section
 from xrai.fourier import sample_fourier
 from xrai.imaging import ImagingModel
 from xrai.recon.abinitio import MultiHeadPoseEncoder, pattern_moves
@@ -117,14 +118,7 @@ class CryoemSearchSettings:
         """``train.steps``, ``train.batch_size`` and ``train.xrai_cryoem`` (which overrides both) over the defaults."""
         train = cfg.get("train") or {}
         section = {k: train[k] for k in ("steps", "batch_size") if k in train} | dict(train.get("xrai_cryoem") or {})
-        out = cls()
-        for f in fields(cls):
-            if f.name in section:
-                value = section[f.name]
-                default = getattr(out, f.name)
-                setattr(out, f.name, tuple(float(v) if isinstance(default[0], float) else int(v) for v in value)
-                        if isinstance(default, tuple) else type(default)(value))
-        return out
+        return settings_from_section(cls, section)
 
     def q_limit(self, step: int, q_nyquist: float) -> float:
         """The resolution limit (Å⁻¹) of ``step``: ``1 / q_start_A`` rising linearly to ``1 / q_end_A`` (0: Nyquist)."""

@@ -50,12 +50,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from xrai.config import settings_from_section
 from xrai.errors import XraiError
 from xrai.fourier import fourier_volume, sample_fourier
 from xrai.imaging import ImagingModel
@@ -91,11 +92,7 @@ class CryoPoseNetSettings:
     def from_config(cls, cfg: dict) -> CryoPoseNetSettings:
         """``train.cryoposenet`` over the defaults (keys of the loop's aside)."""
         section = dict((cfg.get("train") or {}).get("cryoposenet") or {})
-        out = cls()
-        for f in fields(cls):
-            if f.name in section:
-                value, default = section[f.name], getattr(out, f.name)
-                setattr(out, f.name, tuple(int(v) for v in value) if isinstance(default, tuple) else type(default)(value))
+        out = settings_from_section(cls, section)
         if out.projector not in PROJECTORS:
             raise XraiError(f"config key 'train.cryoposenet.projector': expected one of {PROJECTORS}, got {out.projector!r}")
         if len(out.channels) < 1 or out.fourier_pad < 1:
