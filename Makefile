@@ -1,6 +1,7 @@
 # Two commands for a fresh machine:
 #   make demo   set up .venv and run the whole pipeline on the laptop demo (config/demo.yaml)
 #   make test   set up .venv and run the test suite
+#   make demo-cryoem   the same pipeline on the cryo-EM laptop demo (config/cryoem-demo.yaml)
 # On a machine with an NVIDIA GPU, `make TORCH=torch demo` takes PyPI's default (CUDA) build.
 
 PYTHON ?= python3
@@ -16,7 +17,7 @@ export XRAI_PDB_MIRROR
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup report clean-results lint
+.PHONY: demo demo-cryoem test setup report clean-results lint
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +32,9 @@ demo: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG)
 	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG) --report results/report.html
 	@echo "Report: $(abspath results/report.html)"
+
+demo-cryoem:
+	$(MAKE) demo CONFIG=config/cryoem-demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -ra

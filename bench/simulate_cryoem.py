@@ -2,7 +2,7 @@
 
 Each size runs ``xrai simulate-cryoem`` in a fresh process (so peak RSS, ``VmHWM``, is that
 run's alone) on 4AKE at cryoPoseNet's sampling (128 px, 0.8 Å) with cryoAI's image formation
-(CTF with lognormal defocus, 4 Å shifts, -5 dB noise: ``config/cryoem-demo.yaml``), float32,
+(CTF with lognormal defocus, 4 Å shifts, 0 dB noise: ``config/cryoem-demo.yaml``), float32,
 10,000 images per stack. The potential and the noise calibration (512 images) are timed apart
 (``setup``). Then the disk plan of 128 px sets in float32 and float16.
 

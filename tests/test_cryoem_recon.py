@@ -83,3 +83,25 @@ def test_fast_default_finds_poses_far_below_chance(adk_sets, tmp_path):
         chance = pose_metrics({"rotations": R, "shifts_A": shifts, "index": np.arange(len(ds))},
                               ds.true_rotations(), shifts, ds.pixel_size_A)
     assert chance["median_deg"] > 40.0
+
+
+def test_shell_whitening_gives_every_shell_the_same_power(adk_sets):
+    """Known answer: after the weight, the mean power of every non-empty Fourier shell is the same."""
+    from xrai.recon.cryoem import CryoemSearchRecipe
+
+    with ParticleDataset(adk_sets["train"]) as ds:
+        recipe = CryoemSearchRecipe({"train": {"xrai_cryoem": {"init_images": 128, "encoder": False}}},
+                                    CentralSliceImaging.for_dataset(ds, pad=1))
+        recipe.initialise(ds)
+        data = recipe._observations(ds.read(0, 128))
+    power = data["spectrum"].abs().pow(2).mean(0)
+    shells = torch.round(recipe.q / recipe.q[recipe.q > 0].min()).long().flatten()
+    means = torch.stack([power[shells == s].mean() for s in range(1, int(shells.max()) + 1) if (shells == s).any()])
+    raw = recipe.imaging.spectrum(ds.read(0, 128)["images"]).abs().pow(2).mean(0).flatten()
+    raw_means = torch.stack([raw[shells == s].mean() for s in range(1, int(shells.max()) + 1) if (shells == s).any()])
+    assert float(means.max() / means.min()) < 1.01
+    assert float(raw_means.max() / raw_means.min()) > 10  # without it the low shells dominate
+    with pytest.raises(ValueError, match="score_weighting"):
+        with ParticleDataset(adk_sets["train"]) as ds:
+            CryoemSearchRecipe({"train": {"xrai_cryoem": {"score_weighting": "bogus"}}},
+                               CentralSliceImaging.for_dataset(ds, pad=1)).initialise(ds)

@@ -87,8 +87,8 @@ class CryoemSearchSettings:
     steps: int = 400
     batch_size: int = 64
     search_level: int = 2
-    search_pixels: int = 256
-    search_q_A: float = 12.0
+    search_pixels: int = 512
+    search_q_A: float = 6.0
     shift_points: int = 5
     max_shift_A: float = 8.0
     refine_deg: tuple[float, ...] = (8.0, 4.0, 2.0, 1.0)
@@ -98,7 +98,7 @@ class CryoemSearchSettings:
     refine_repeats: int = 1
     refine_shift_per_deg: float = 0.25
     fsc_margin: float = 1.25
-    infer_refine_deg: tuple[float, ...] = (8.0, 4.0, 2.0, 1.0, 0.5, 0.25)
+    infer_refine_deg: tuple[float, ...] = (8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.125)
     infer_refine_shift_A: tuple[float, ...] = (1.0, 0.5, 0.25)
     memory_images: tuple[int, int] = (1024, 4096)
     init_images: int = 512
@@ -106,12 +106,14 @@ class CryoemSearchSettings:
     q_end_A: float = 0.0
     ramp_fraction: float = 0.6
     final_pad: int = 2
+    polish_passes: int = 0
     encoder: bool = True
     heads: int = 8
     encoder_width: int = 16
     encoder_max_size: int = 64
     encoder_lr: float = 1e-3
     infer: str = "search"
+    score_weighting: str = "whiten"
 
     @classmethod
     def from_config(cls, cfg: dict) -> CryoemSearchSettings:
@@ -201,6 +203,20 @@ class CryoemSearchRecipe:
                                         shift_scale_A=max(self.s.max_shift_A / 2, 1.0), generator=self.gen,
                                         max_size=self.s.encoder_max_size)
         self.optimizer = torch.optim.Adam(self.encoder.parameters(), lr=self.s.encoder_lr)
+        self.score_weight: torch.Tensor | None = None  # per Fourier pixel, set by initialise
+
+    def _shell_whitening(self, batch: dict) -> torch.Tensor:
+        """``1 / sqrt(mean |F|²)`` of each Fourier shell over ``batch``, flattened over pixels (mean weight² 1).
+
+        Without it the least-squares score is ruled by the lowest shells, whose power (the particle's
+        overall shape) barely depends on the orientation; with a CTF the low shells are damped anyway.
+        """
+        shells = torch.round(self.q / self.q[self.q > 0].min()).long().flatten()
+        power = self.imaging.spectrum(batch["images"]).abs().pow(2).mean(0).flatten()
+        mean = torch.zeros(int(shells.max()) + 1).index_add_(0, shells, power)
+        mean = mean / torch.bincount(shells, minlength=len(mean)).clamp_min(1)
+        weight = mean[shells].clamp_min(mean[mean > 0].min()).rsqrt()
+        return weight / weight.pow(2).mean().sqrt()
 
     # -- pieces
     def _pixels(self, q_limit: float, count: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -213,8 +229,12 @@ class CryoemSearchRecipe:
     def _observations(self, batch: dict) -> dict:
         """The batch's spectra, CTF and pixel coordinates, flattened over the Fourier pixels."""
         ctf = self.imaging.ctf(batch)
-        return {"spectrum": self.imaging.spectrum(batch["images"]).flatten(1),
-                "ctf": None if ctf is None else ctf.flatten(1), "k": self.imaging.pixel_coordinates.reshape(-1, 3)}
+        spectrum = self.imaging.spectrum(batch["images"]).flatten(1)
+        ctf = None if ctf is None else ctf.flatten(1)
+        if self.score_weight is not None:  # weighted least squares: both sides times the weight
+            spectrum = spectrum * self.score_weight
+            ctf = self.score_weight[None] if ctf is None else ctf * self.score_weight
+        return {"spectrum": spectrum, "ctf": ctf, "k": self.imaging.pixel_coordinates.reshape(-1, 3)}
 
     @staticmethod
     def _subset(data: dict, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -244,8 +264,7 @@ class CryoemSearchRecipe:
             corr = (weighted.conj().reshape(B * S, -1) @ slices.T).real.reshape(B, S, -1)
             norm = (w2 @ (slices.abs() ** 2).T).clamp_min(1e-30)  # (B, G)
             loss = energy[:, None, None] - corr.clamp_min(0) ** 2 / norm[:, None, :]
-            flat = loss.reshape(B, -1)
-            value, arg = flat.min(dim=1)
+            value, arg = loss.reshape(B, -1).min(dim=1)
             better = value < best_loss
             best_loss = torch.where(better, value, best_loss)
             best_s = torch.where(better, arg // loss.shape[2], best_s)
@@ -308,18 +327,28 @@ class CryoemSearchRecipe:
         spectrum = self.imaging.spectrum(batch["images"])
         factors_batch = {key: v for key, v in batch.items() if key != "shifts_A"} | {"shifts_A": t}
         self.merge.insert(self.imaging, spectrum, R, factors_batch, pixels=self.q <= q_insert)
-        self.volume = self.merge.spectrum()
-        fsc = self.merge.half_fsc()
+        self.use_merge(self.merge)
+        self.timings["merge"] += time.perf_counter() - t0
+
+    def use_merge(self, merge: WienerMerge) -> None:
+        """Align against ``merge``'s volume from now on (any grid of the images' pixel size, e.g. a polish
+        pass's full-data merge on a finer, padded grid); the resolution limit follows its half-set FSC."""
+        self.merge = merge
+        self.volume = merge.spectrum()
+        fsc = merge.half_fsc()
         below = torch.nonzero(fsc[1:] < 0.5).flatten()
         shell = (int(below[0]) + 1) if len(below) else len(fsc) - 1
-        self.q_fsc = shell / (self.merge.grid.size * self.imaging.pixel_size_A)
-        self.timings["merge"] += time.perf_counter() - t0
+        self.q_fsc = shell / (merge.grid.size * self.imaging.pixel_size_A)
 
     # -- training
     def initialise(self, dataset: Any) -> None:
         """The first volume: ``init_images`` images merged at random rotations, no shift (a near-isotropic blob)."""
         n = min(len(dataset), self.s.init_images)
         batch = dataset.read(0, n)
+        if self.s.score_weighting == "whiten":
+            self.score_weight = self._shell_whitening(batch)
+        elif self.s.score_weighting != "none":
+            raise ValueError(f"train.xrai_cryoem.score_weighting: expected 'whiten' or 'none', got {self.s.score_weighting!r}")
         R = quaternion_to_matrix(random_quaternions(n, generator=self.gen)).float()
         self.merge_batch(batch, R, torch.zeros(n, 2), self.s.q_limit(0, self.q_nyquist))
 
