@@ -125,7 +125,7 @@ def test_realistic_photons_pipeline_end_to_end(tmp_path, pdb_mirror):
     from xrai.data.hdf5 import DiffractionDataset
 
     res = snakemake("--cores", "2", "--configfile", str(REPO / "config/realistic-test.yaml"),
-                    "--directory", str(tmp_path), env={"XRAI_PDB_MIRROR": str(pdb_mirror)}, timeout=900)
+                    "--directory", str(tmp_path), env={"XRAI_PDB_MIRROR": str(pdb_mirror)}, timeout=1800)  # a hang guard, not a speed test: 900 s timed out on a loaded machine
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     out = tmp_path / "results"
     with DiffractionDataset(out / "datasets/2CEX_A/train_2048.h5") as ds:
