@@ -398,13 +398,13 @@ def settings_from_section(cls: type, section: dict) -> Any:
     """
     from dataclasses import fields
 
-    out = cls()
+    defaults, values = cls(), {}
     for f in fields(cls):
         if f.name in section:
-            value, default = section[f.name], getattr(out, f.name)
+            value, default = section[f.name], getattr(defaults, f.name)
             if isinstance(default, tuple):
                 cast = type(default[0]) if default else int
-                setattr(out, f.name, tuple(cast(v) for v in value))
+                values[f.name] = tuple(cast(v) for v in value)
             else:
-                setattr(out, f.name, type(default)(value))
-    return out
+                values[f.name] = type(default)(value)
+    return cls(**values)  # constructed with the values, so a __post_init__ check sees them

@@ -115,6 +115,10 @@ class CryoemSearchSettings:
     infer: str = "search"
     score_weighting: str = "whiten"
 
+    def __post_init__(self) -> None:
+        if self.score_weighting not in ("whiten", "none"):  # checked at construction, not at the first step
+            raise ValueError(f"train.xrai_cryoem.score_weighting: expected 'whiten' or 'none', got {self.score_weighting!r}")
+
     @classmethod
     def from_config(cls, cfg: dict) -> CryoemSearchSettings:
         """``train.steps``, ``train.batch_size`` and ``train.xrai_cryoem`` (which overrides both) over the defaults."""
@@ -347,8 +351,6 @@ class CryoemSearchRecipe:
         batch = dataset.read(0, n)
         if self.s.score_weighting == "whiten":
             self.score_weight = self._shell_whitening(batch)
-        elif self.s.score_weighting != "none":
-            raise ValueError(f"train.xrai_cryoem.score_weighting: expected 'whiten' or 'none', got {self.s.score_weighting!r}")
         R = quaternion_to_matrix(random_quaternions(n, generator=self.gen)).float()
         self.merge_batch(batch, R, torch.zeros(n, 2), self.s.q_limit(0, self.q_nyquist))
 
