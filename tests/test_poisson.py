@@ -13,8 +13,10 @@ import torch
 from xrai.recon.likelihood import (
     estimate_fluence,
     fitted_poisson_nll,
+    nonzero_counts,
     poisson_nll,
     resolve_likelihood,
+    sparse_fitted_poisson_nll,
 )
 
 #: photons per pattern of the CI Poisson set (min_total_intensity): a few thousand, as the issue asks
@@ -53,6 +55,20 @@ def test_fitted_nll_is_the_minimum_over_the_fluence():
         rate = phis[:, None, None] * mu + (0 if bg is None else bg)
         brute = poisson_nll(counts, rate).min(0).values
         torch.testing.assert_close(fitted_poisson_nll(counts, mu, bg), brute, rtol=0, atol=1e-5)
+
+
+def test_sparse_nll_equals_the_dense_one_with_a_background():
+    """The non-zero-pixel form gives the dense fitted NLL, for sparse and for dense patterns."""
+    gen = torch.Generator().manual_seed(2)
+    mu = 0.1 + torch.rand(6, 500, generator=gen)
+    bg = 0.01 + 0.05 * torch.rand(500, generator=gen)
+    for phi in (0.02, 0.5, 20.0):  # ~10, ~250 and ~8,000 photons per pattern
+        counts = torch.poisson(phi * mu + bg, generator=gen)
+        index, values = nonzero_counts(counts)
+        assert bool((values > 0).sum(1).eq((counts > 0).sum(1)).all())
+        mu_nz = torch.gather(mu, 1, index)
+        sparse = sparse_fitted_poisson_nll(values, mu_nz, mu.sum(1), bg[index], bg.sum(), counts.shape[1])
+        torch.testing.assert_close(sparse, fitted_poisson_nll(counts, mu, bg), rtol=1e-5, atol=1e-6)
 
 
 def test_auto_picks_poisson_for_counts():
@@ -175,6 +191,27 @@ def test_poisson_search_finds_the_true_poses_in_raw_counts(poisson_data):
     truth = batch.rotations.double()
     err = torch.rad2deg(angle_between(fold_in_plane(R.double(), truth), truth))
     assert float(err.median()) < 2.0 and float((err < 5.0).float().mean()) > 0.9, err
+
+
+def test_grid_search_with_a_background_picks_the_best_candidate(poisson_data):
+    """With a background the grid search scores the sparse way: its winner and loss are those of the dense
+    per-candidate score over the whole grid."""
+    from xrai.recon.abinitio import candidate_losses, grid_search
+    from xrai.rotations import quaternion_to_matrix
+    from xrai.so3grid import so3_grid
+
+    recipe, model, ds = _true_intensity_model(poisson_data, "poisson")
+    batch = recipe.batch(ds.read(0, 8), torch.device("cpu"))
+    counts, _ = recipe.observe(model, batch)
+    sparse = torch.poisson(counts * 0.01, generator=torch.Generator().manual_seed(5))  # ~30 photons
+    pixels = torch.arange(counts.shape[1])
+    background = torch.full((counts.shape[1],), 0.01)
+    grid_R = quaternion_to_matrix(so3_grid(1)).float()
+    for data in (counts, sparse):
+        R, loss = grid_search(model, grid_R, data, pixels, chunk=100, background=background)
+        dense = candidate_losses(model, grid_R[None].expand(len(data), -1, -1, -1), data, pixels, background)
+        torch.testing.assert_close(loss, dense.min(dim=1).values, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(R, grid_R[dense.argmin(dim=1)])
 
 
 def test_masked_pixels_change_no_score_merge_or_loss(poisson_data):

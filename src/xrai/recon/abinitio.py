@@ -56,7 +56,12 @@ import torch
 from torch import nn
 
 from xrai.imaging import ImagingModel
-from xrai.recon.likelihood import estimate_fluence, fitted_poisson_nll
+from xrai.recon.likelihood import (
+    estimate_fluence,
+    fitted_poisson_nll,
+    nonzero_counts,
+    sparse_fitted_poisson_nll,
+)
 from xrai.recon.losses import SymmetrizedLoss
 from xrai.recon.recipe import Batch, Recipe
 from xrai.rotations import (
@@ -414,7 +419,9 @@ def grid_search(model: XraiModel, grid_R: torch.Tensor, z: torch.Tensor, pixels:
     :func:`grid_slices` of the same rotations and pixels); the loss of every (image, rotation)
     pair is then a matrix product: Gaussian ``|z|^2 - max(z.s, 0)^2 / |s|^2``;
     Poisson without background ``(C - c.log(mu) + C log(sum mu / C)) / P``. With a
-    background the Poisson loss is evaluated per pair, 256 rotations at a time.
+    background the Poisson loss is evaluated per pair on each image's non-zero pixels only
+    (:func:`~xrai.recon.likelihood.sparse_fitted_poisson_nll`, the same value): a sparse
+    pattern costs its number of photons, not ``P``.
     """
     best_l = torch.full((z.shape[0],), math.inf, device=z.device)
     best_i = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
@@ -423,13 +430,18 @@ def grid_search(model: XraiModel, grid_R: torch.Tensor, z: torch.Tensor, pixels:
     poisson = model.decoder.intensity
     with_background = poisson and background is not None and bool((background > 0).any())
     if with_background:
-        chunk = min(chunk, 256)
+        nz_index, nz_counts = nonzero_counts(z)
+        nz_background, background_sum = background[nz_index], background.sum()
+        # (B, chunk, K) per pair and EM iteration: a few million elements at a time
+        chunk = max(64, min(chunk, 4_000_000 // max(1, nz_index.numel())))
     c_sum = z.sum(1, keepdim=True)
     for start in range(0, grid_R.shape[0], chunk):
         Rc = grid_R[start:start + chunk]
         if with_background:
             k = torch.einsum("mij,pj->mpi", Rc, q)
-            loss = fitted_poisson_nll(z[:, None, :], model.expected_counts(k, pixels)[None], background)
+            mu = model.expected_counts(k, pixels)
+            loss = sparse_fitted_poisson_nll(nz_counts[:, None], mu[:, nz_index].permute(1, 0, 2), mu.sum(1)[None],
+                                             nz_background[:, None], background_sum, z.shape[1])
         else:
             a, b = (grid_slices(model, Rc, pixels) if slices is None
                     else (slices[0][start:start + chunk], slices[1][start:start + chunk]))
@@ -507,7 +519,7 @@ class XraiRecipe(Recipe):
         super().__init__(cfg)
         self.settings = XraiSettings.from_config(cfg)
         self._grid_R: torch.Tensor | None = None
-        self._infer_grid_R: torch.Tensor | None = None
+        self._infer_grid_R: tuple[int, torch.Tensor] | None = None  # (level, rotations)
         #: (volume state key, pixels, slices) of the inference grid (:func:`grid_slices`)
         self._slices: tuple | None = None
 
@@ -662,9 +674,11 @@ class XraiRecipe(Recipe):
 
     def inference_grid(self, device: torch.device) -> torch.Tensor:
         """The rotations of the Hopf grid of ``infer_search_level``."""
-        if self._infer_grid_R is None or self._infer_grid_R.device != device:
-            self._infer_grid_R = quaternion_to_matrix(so3_grid(self.settings.infer_search_level)).float().to(device)
-        return self._infer_grid_R
+        level = self.settings.infer_search_level
+        cached = self._infer_grid_R
+        if cached is None or cached[0] != level or cached[1].device != device:  # keyed by level: settings may change
+            self._infer_grid_R = cached = (level, quaternion_to_matrix(so3_grid(level)).float().to(device))
+        return cached[1]
 
     def _grid_slices(self, model: XraiModel, grid_R: torch.Tensor,
                      pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
