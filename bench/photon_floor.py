@@ -20,7 +20,7 @@ rotations, 7.5 degrees) the search is near exhaustive (a level-4 grid changes th
 Usage::
 
     python bench/photon_floor.py --work /tmp/photons --photons 20000 2000 200 50 true --levels 2 3 \\
-        --markdown /tmp/photons/floor.md
+        --score-images 500 --markdown /tmp/photons/floor.md
 
 The datasets are the ones ``bench/photons.py`` makes in the same ``--work`` (made when missing).
 """
@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", type=Path, default=REPO / "config" / "demo.yaml")
     ap.add_argument("--photons", nargs="+", default=["20000", "2000", "200", "50", "true"])
     ap.add_argument("--size", type=int, default=16384, help="training images (the known-pose merge)")
-    ap.add_argument("--test-size", type=int, default=1000)
+    ap.add_argument("--test-size", type=int, default=1000, help="test images simulated (as bench/photons.py)")
+    ap.add_argument("--score-images", type=int, default=1000, help="test images placed")
     ap.add_argument("--levels", nargs="+", type=int, default=[2, 3], help="SO(3) grid levels of the search")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--markdown", type=Path)
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
             cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         paths = prepare_data(cfg_path, d, base["proteins"][0], env)
         photons = mean_photons(paths["train"])
-        for row in floor_rows(cfg, paths, args.levels, args.test_size):
+        for row in floor_rows(cfg, paths, args.levels, args.score_images):
             row = {"level": level, "photons": photons, **row}
             rows.append(row)
             print(json.dumps(row), flush=True)
