@@ -2,9 +2,9 @@
 
 How well can *any* method place a test pattern of ``N`` photons, given the best volume there is?
 For each photon level (the data of ``bench/photons.py``: demo geometry, 2CEX_A, 32 px, Poisson
-noise), the default recipe's Poisson inference (encoder candidates are replaced by nothing
-better than the grid: the SO(3) grid of ``--levels`` plus the 8 ... 0.25 degree pattern search,
-all pixels scored, the per-image fluence fitted) places the test images against
+noise), the default recipe's Poisson inference (the SO(3) grid of ``--levels`` plus the
+8 ... 0.25 degree pattern search, all pixels scored, the per-image fluence fitted; the encoder is
+untrained) places the test images against
 
 * ``true intensity``: the reference intensity of the structure (``xrai reference``), i.e. the
   maximum-likelihood pose with a perfect model: no reconstruction can do better with this
@@ -39,7 +39,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convergence import REPO, prepare_data  # noqa: E402
-from photons import level_config, mean_photons  # noqa: E402
+from photons import level_config, mean_photons, write_rows  # noqa: E402
 
 
 def true_intensity_volume(model, intensity_path: Path) -> None:
@@ -61,7 +61,7 @@ def true_intensity_volume(model, intensity_path: Path) -> None:
 
 
 def known_pose_volume(cfg: dict, train_ds, device):
-    """``(recipe, model)`` of ``xrai-known-pose`` with every training image merged at its true pose."""
+    """The ``xrai-known-pose`` model with every training image merged at its true pose."""
     from xrai.recon.recipes import get_recipe
     from xrai.recon.train import _batches_of, imaging_model
 
@@ -158,11 +158,7 @@ def main(argv: list[str] | None = None) -> None:
             row = {"level": level, "photons": photons, **row}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    (args.work / "photon_floor.json").write_text(json.dumps(rows, indent=1))
-    md = table(rows)
-    print(md)
-    if args.markdown:
-        args.markdown.write_text(md + "\n")
+    write_rows(rows, args.work / "photon_floor.json", table(rows), args.markdown)
 
 
 if __name__ == "__main__":

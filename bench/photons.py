@@ -134,6 +134,14 @@ def mean_photons(path: Path, n: int = 2000) -> float:
         return float(ds.read(0, min(n, len(ds)))["images"].sum(dim=(1, 2)).mean())
 
 
+def write_rows(rows: list[dict], json_path: Path, markdown: str, markdown_path: Path | None) -> None:
+    """The rows as JSON at ``json_path``; the markdown table printed, and written to ``markdown_path`` if given."""
+    json_path.write_text(json.dumps(rows, indent=1))
+    print(markdown)
+    if markdown_path:
+        markdown_path.write_text(markdown + "\n")
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| photons / pattern (level) | train images | method | median test pose error | within 5° | "
              "resolution (Å, ASC 0.5) | mean ASC | wall min | CPU min |",
@@ -222,11 +230,7 @@ def main(argv: list[str] | None = None) -> None:
                        **metrics(out, paths, method)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    (args.work / "photons.json").write_text(json.dumps(rows, indent=1))
-    md = table(rows)
-    print(md)
-    if args.markdown:
-        args.markdown.write_text(md + "\n")
+    write_rows(rows, args.work / "photons.json", table(rows), args.markdown)
     if args.plot:
         plot(rows, args.plot)
 
