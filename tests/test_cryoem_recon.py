@@ -105,3 +105,36 @@ def test_shell_whitening_gives_every_shell_the_same_power(adk_sets):
         with ParticleDataset(adk_sets["train"]) as ds:
             CryoemSearchRecipe({"train": {"xrai_cryoem": {"score_weighting": "bogus"}}},
                                CentralSliceImaging.for_dataset(ds, pad=1)).initialise(ds)
+
+
+def test_multi_start_inference_keeps_the_best_refined_grid_candidate(adk_sets):
+    """``infer_candidates``: the grid's best K pairs come sorted (the first is the single search's winner);
+    refining each and keeping the best fit never places more images far off than refining the winner alone."""
+    from xrai.recon.cryoem import CryoemSearchRecipe, fit_losses, shift_phases
+    from xrai.rotations import angle_between
+
+    with ParticleDataset(adk_sets["train"]) as ds, ParticleDataset(adk_sets["test"]) as test:
+        imaging = CentralSliceImaging.for_dataset(ds, pad=1)
+        recipe = CryoemSearchRecipe({"train": {"xrai_cryoem": {"encoder": False}}}, imaging)
+        recipe.score_weight = recipe._shell_whitening(ds.read(0, 256))
+        recipe.use_merge(known_pose_volume(ds, imaging)[1])
+        batch = test.read(0, 96)
+    q_limit = recipe.alignment_limit(recipe.s.steps)
+    obs, ctf, k = recipe._subset(recipe._observations(batch), recipe._pixels(1 / 6.0, 512, torch.Generator().manual_seed(0)))
+    R1, t1 = recipe.grid_search(obs, ctf, k, chunk=500)
+    R4, t4 = recipe.grid_search(obs, ctf, k, chunk=500, top=4)
+    assert R1.shape == (96, 1, 3, 3) and R4.shape == (96, 4, 3, 3) and t4.shape == (96, 4, 2)
+    torch.testing.assert_close(R4[:, 0], R1[:, 0])
+    torch.testing.assert_close(t4[:, 0], t1[:, 0])
+    loss = fit_losses(obs[:, None] * shift_phases(k[:, :2], t4).conj(), ctf[:, None], recipe._slices(R4, k))
+    assert bool((loss.diff(dim=1) >= -1e-4 * loss[:, :1]).all())  # best first
+
+    truth = batch["rotations"].double()
+    errors = {}
+    for candidates in (1, 4):
+        R, _ = recipe.align(batch, q_limit, generator=torch.Generator().manual_seed(1), candidates=candidates,
+                            rot_steps=recipe.s.infer_refine_deg, shift_steps=recipe.s.infer_refine_shift_A)
+        errors[candidates] = torch.rad2deg(angle_between(R.double(), truth))
+    assert float(errors[4].median()) < 3.0
+    assert int((errors[4] > 10).sum()) <= int((errors[1] > 10).sum())
+    print(f"images > 10 deg off: {int((errors[1] > 10).sum())} (1 candidate), {int((errors[4] > 10).sum())} (4)")

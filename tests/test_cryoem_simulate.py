@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import gemmi
@@ -323,20 +320,3 @@ def test_config_errors():
                                                    "log_sigma": 0.2}
     with pytest.raises(XraiError, match="modality"):
         cryoem_config(load_config(REPO / "config" / "test.yaml"))
-
-
-@pytest.mark.slow
-def test_snakemake_writes_star_stacks_and_potential(tmp_path, pdb_mirror):
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "2",
-           "--configfile", str(REPO / "config" / "cryoem-test.yaml"), "--directory", str(tmp_path)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "XRAI_PDB_MIRROR": str(pdb_mirror)})
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    res_dir = tmp_path / "results"
-    for name in ("train_2048", "test_512"):
-        parts = starfile.read(res_dir / "datasets" / "4AKE" / f"{name}.star")["particles"]
-        assert len(parts) == int(name.split("_")[1])
-        for stack in {s.split("@")[1] for s in parts["rlnImageName"]}:
-            assert (res_dir / "datasets" / "4AKE" / stack).is_file()
-    with mrcfile.open(res_dir / "reference" / "4AKE" / "potential.mrc") as mrc:
-        assert mrc.data.shape == (64, 64, 64) and mrc.voxel_size.x == pytest.approx(1.6)

@@ -198,6 +198,22 @@ def test_cryoem_pipeline_metrics_table_figures_and_report(cryoem_pipeline_dir):
 
 
 @pytest.mark.slow
+def test_cryoem_pipeline_writes_star_stacks_and_potential(cryoem_pipeline_dir):
+    """The simulate and reference rules' outputs: RELION STAR files naming stacks that exist, the potential."""
+    import mrcfile
+    import starfile
+
+    res = cryoem_pipeline_dir / "results"
+    for name in ("train_2048", "test_512"):
+        parts = starfile.read(res / "datasets" / "4AKE" / f"{name}.star")["particles"]
+        assert len(parts) == int(name.split("_")[1])
+        for stack in {s.split("@")[1] for s in parts["rlnImageName"]}:
+            assert (res / "datasets" / "4AKE" / stack).is_file()
+    with mrcfile.open(res / "reference" / "4AKE" / "potential.mrc") as mrc:
+        assert mrc.data.shape == (64, 64, 64) and mrc.voxel_size.x == pytest.approx(1.6)
+
+
+@pytest.mark.slow
 def test_cryoem_pipeline_poses_far_below_chance(cryoem_pipeline_dir):
     """The fast default's median test pose error, against the same metric on random rotations."""
     import json

@@ -34,7 +34,7 @@ PLACEHOLDERS = {
     '"FILL_IN_GPU_PARTITION"': f'"{TEST_PARTITION}"',
     '"FILL_IN_ACCOUNT"': f'"{TEST_ACCOUNT}"',
 }
-PIPELINE_TIMEOUT_S = 2100  # the test-scale pipeline took ~23 min on a loaded 2-core machine
+PIPELINE_TIMEOUT_S = 1200
 PREEMPTION_TIMEOUT_S = 900
 
 # What the Slurm executor and Snakemake print for every job.
@@ -50,6 +50,19 @@ RESUMED = re.compile(r"resumed from \S+checkpoint\.pt at step (\d+)")
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def small_test_config() -> dict:
+    """config/test.yaml smaller still (fewer images, small networks, few steps): every rule, about Slurm only."""
+    config = yaml.safe_load((REPO / "config/test.yaml").read_text())
+    config["simulation"].update(train_sizes=[128], test_size=32)
+    config["train"].update(steps=30, batch_size=8, checkpoint_every=10, eval_every=30, eval_images=16, log_every=5,
+                           encoder={"channels": [8, 16], "mlp": [32]}, decoder={"width": 32})
+    config["train"]["methods"] = [dict(m, steps=min(m.get("steps", 30), 30), decoder={"width": 32})
+                                  for m in config["train"]["methods"]]
+    config["train"]["xrai"] = dict(config["train"]["xrai"], search_steps=20, memory_images=[64, 128])
+    config["phasing"].update(n_starts=1, n_iterations=50)
+    return config
 
 
 def sh(*cmd: str | Path, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -206,9 +219,14 @@ def test_profile_dry_run_requests_a_gpu_for_each_paper_training_job(tmp_path):
 
 @pytest.mark.slow
 def test_pipeline_runs_every_job_as_a_slurm_job(slurm_cluster, site_profile, pdb_mirror, tmp_path):
-    """The test-scale pipeline through ``--profile slurm``: every job is a completed Slurm job; Table 1 exists."""
+    """The whole pipeline (every rule of config/test.yaml, smaller) through ``--profile slurm``.
+
+    Every job is a completed Slurm job and Table 1 exists.
+    """
     work = tmp_path / "work"
-    run = SnakemakeRun(["-s", REPO / "Snakefile", "--directory", work, "--configfile", REPO / "config/test.yaml",
+    cfg_path = tmp_path / "small.yaml"
+    cfg_path.write_text(yaml.safe_dump(small_test_config(), sort_keys=False))
+    run = SnakemakeRun(["-s", REPO / "Snakefile", "--directory", work, "--configfile", cfg_path,
                         "--profile", site_profile],
                        log=tmp_path / "snakemake.log", env=snakemake_env(pdb_mirror))
     code = run.wait(PIPELINE_TIMEOUT_S)
@@ -234,13 +252,9 @@ def test_pipeline_runs_every_job_as_a_slurm_job(slurm_cluster, site_profile, pdb
 @pytest.mark.slow
 def test_preempted_training_resumes_from_its_checkpoint(slurm_cluster, site_profile, pdb_mirror, tmp_path):
     """SIGTERM to the running train job (as at a time limit): it checkpoints, fails, the retry resumes."""
-    config = yaml.safe_load((REPO / "config/test.yaml").read_text())
-    # The test scale, smaller still (fewer images, a small network, a checkpoint every 2 steps):
-    # this test is about Slurm, signals and resuming, not about what the training learns.
-    config["simulation"].update(train_sizes=[128], test_size=32)
-    config["train"].update(methods=[{"name": "xrai", "runs": 1}], steps=30, batch_size=8,
-                           checkpoint_every=2, eval_every=30, eval_images=16, log_every=5,
-                           encoder={"channels": [8, 16], "mlp": [32]}, decoder={"width": 32})
+    config = small_test_config()
+    # one method, a checkpoint every 2 steps: this test is about signals and resuming
+    config["train"].update(methods=[{"name": "xrai", "runs": 1}], checkpoint_every=2)
     config["resources"]["train"]["gpu"] = 1  # schedules on the cluster's fake GPU
     cfg_path = tmp_path / "preempt.yaml"
     cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))

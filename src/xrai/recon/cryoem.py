@@ -100,6 +100,7 @@ class CryoemSearchSettings:
     fsc_margin: float = 1.25
     infer_refine_deg: tuple[float, ...] = (8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.125)
     infer_refine_shift_A: tuple[float, ...] = (1.0, 0.5, 0.25)
+    infer_candidates: int = 1
     memory_images: tuple[int, int] = (1024, 4096)
     init_images: int = 512
     q_start_A: float = 20.0
@@ -249,9 +250,9 @@ class CryoemSearchRecipe:
         """Volume values at ``R @ k``: ``R`` (..., 3, 3), ``k`` (P, 3) -> (..., P) complex."""
         return sample_fourier(self.volume, torch.einsum("...ij,pj->...pi", R, k), self.merge.grid)
 
-    def grid_search(self, obs: torch.Tensor, ctf: torch.Tensor | None, k: torch.Tensor,
-                    chunk: int = 1152) -> tuple[torch.Tensor, torch.Tensor]:
-        """Best grid rotation and grid shift per image: ``(B, 3, 3)``, ``(B, 2)``.
+    def grid_search(self, obs: torch.Tensor, ctf: torch.Tensor | None, k: torch.Tensor, chunk: int = 1152,
+                    top: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``top`` best (grid rotation, grid shift) pairs per image, best first: ``(B, top, 3, 3)``, ``(B, top, 2)``.
 
         One matrix product per chunk of rotations: ``corr[b, s, g] = Re <F_b conj(phase_s), c_b S_g>``.
         """
@@ -259,21 +260,20 @@ class CryoemSearchRecipe:
         unshifted = obs[:, None, :] * shift_phases(k[:, :2], self.shifts).conj()[None]  # (B, S, P)
         weighted = unshifted if ctf is None else unshifted * ctf[:, None, :]
         w2 = torch.ones_like(obs.real) if ctf is None else ctf**2
-        best_loss = torch.full((B,), math.inf)
-        best_g = torch.zeros(B, dtype=torch.long)
-        best_s = torch.zeros(B, dtype=torch.long)
+        best_loss = torch.full((B, top), math.inf)
+        best_flat = torch.zeros(B, top, dtype=torch.long)  # shift index * len(grid_R) + rotation index
         energy = (obs.abs() ** 2).sum(-1)
-        for g0 in range(0, len(self.grid_R), chunk):
-            slices = self._slices(self.grid_R[g0:g0 + chunk], k)  # (G, P)
+        G = len(self.grid_R)
+        for g0 in range(0, G, chunk):
+            slices = self._slices(self.grid_R[g0:g0 + chunk], k)  # (C, P)
             corr = (weighted.conj().reshape(B * S, -1) @ slices.T).real.reshape(B, S, -1)
-            norm = (w2 @ (slices.abs() ** 2).T).clamp_min(1e-30)  # (B, G)
+            norm = (w2 @ (slices.abs() ** 2).T).clamp_min(1e-30)  # (B, C)
             loss = energy[:, None, None] - corr.clamp_min(0) ** 2 / norm[:, None, :]
-            value, arg = loss.reshape(B, -1).min(dim=1)
-            better = value < best_loss
-            best_loss = torch.where(better, value, best_loss)
-            best_s = torch.where(better, arg // loss.shape[2], best_s)
-            best_g = torch.where(better, g0 + arg % loss.shape[2], best_g)
-        return self.grid_R[best_g], self.shifts[best_s].clone()
+            value, arg = loss.reshape(B, -1).topk(min(top, S * loss.shape[2]), dim=1, largest=False)
+            flat = (arg // loss.shape[2]) * G + g0 + arg % loss.shape[2]
+            best_loss, order = torch.cat([best_loss, value], 1).topk(top, dim=1, largest=False, sorted=True)
+            best_flat = torch.cat([best_flat, flat], 1).gather(1, order)
+        return self.grid_R[best_flat % G], self.shifts[best_flat // G].clone()
 
     def refine(self, data: dict, q_limit: float, R: torch.Tensor, t: torch.Tensor, rot_steps: tuple[float, ...],
                shift_steps: tuple[float, ...], generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,18 +310,33 @@ class CryoemSearchRecipe:
 
     def align(self, batch: dict, q_limit: float, search: bool = True, generator: torch.Generator | None = None,
               rot_steps: tuple[float, ...] | None = None, shift_steps: tuple[float, ...] | None = None,
-              R0: torch.Tensor | None = None, t0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotation and origin (Å) per image of ``batch`` against the current volume: search, then refinement."""
+              R0: torch.Tensor | None = None, t0: torch.Tensor | None = None,
+              candidates: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotation and origin (Å) per image of ``batch`` against the current volume: search, then refinement.
+
+        ``candidates > 1``: that many of the grid's best (rotation, shift) pairs are each refined, and the
+        one that fits best at ``q_limit`` is kept (a multi-start against a wrong basin of the coarse grid).
+        """
         t_start = time.perf_counter()
         data = self._observations(batch)
+        top = max(1, int(candidates)) if search else 1
         if search:
             q_search = min(q_limit, 1.0 / self.s.search_q_A)  # a coarse grid sees only low resolution
-            R, t = self.grid_search(*self._subset(data, self._pixels(q_search, self.s.search_pixels, generator)))
+            R, t = self.grid_search(*self._subset(data, self._pixels(q_search, self.s.search_pixels, generator)),
+                                    top=top)
+            R, t = R.reshape(-1, 3, 3), t.reshape(-1, 2)
+            if top > 1:  # every candidate refined as an image of its own
+                data = {key: v if key == "k" or v is None else v.repeat_interleave(top, 0) for key, v in data.items()}
         else:
             R, t = R0, t0
         t_mid = time.perf_counter()
         R, t = self.refine(data, q_limit, R, t, self.s.refine_deg if rot_steps is None else rot_steps,
                            self.s.refine_shift_A if shift_steps is None else shift_steps, generator)
+        if top > 1:  # the refined candidate that fits best at the full limit
+            obs, ctf, k = self._subset(data, self._pixels(q_limit, self.s.refine_pixels, generator))
+            loss = fit_losses(obs * shift_phases(k[:, :2], t).conj(), ctf, self._slices(R, k)).reshape(-1, top)
+            n, best = torch.arange(len(loss)), loss.argmin(1)
+            R, t = R.reshape(-1, top, 3, 3)[n, best], t.reshape(-1, top, 2)[n, best]
         self.timings["search"] += t_mid - t_start
         self.timings["refine"] += time.perf_counter() - t_mid
         return R, t
@@ -407,4 +422,4 @@ class CryoemSearchRecipe:
         q_limit = self.alignment_limit(self.s.steps)
         gen = torch.Generator().manual_seed(1)
         return self.align(batch, q_limit, generator=gen, rot_steps=self.s.infer_refine_deg,
-                          shift_steps=self.s.infer_refine_shift_A)
+                          shift_steps=self.s.infer_refine_shift_A, candidates=self.s.infer_candidates)
