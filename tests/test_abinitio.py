@@ -71,6 +71,25 @@ def test_merged_volume_is_a_friedel_symmetric_running_average():
     assert float(vol(k)) == pytest.approx(2.0 * float(vol.sample_relative(k)), rel=1e-6)
 
 
+def test_sharpen_is_an_unsharp_mask_of_the_merged_voxels_only():
+    grid = ReciprocalGrid(16, 0.1)
+    vol = MergedVoxelVolume(grid)
+    idx = torch.arange(16, dtype=torch.float32)
+    ramp = 1.0 + 0.05 * idx[:, None, None].expand(16, 16, 16)  # linear: a Gaussian leaves it as it is
+    weight = torch.ones(16, 16, 16)
+    weight[0] = 0.0  # one unmerged plane
+    vol.accumulate(ramp * weight, weight, decay=0.0)
+    vol.sharpen(0.75, 1.0)
+    torch.testing.assert_close(vol.relative[4:12], ramp[4:12])
+    assert bool((vol.relative[0] == 1.0).all())  # unmerged voxels read 1, untouched
+    peak = torch.ones(16, 16, 16)
+    peak[8, 8, 8] = 3.0
+    vol.accumulate(peak, torch.ones(16, 16, 16), decay=0.0)
+    vol.sharpen(0.75, 1.0)
+    assert float(vol.relative[8, 8, 8]) > 3.0 and float(vol.relative.min()) >= 0.0
+    assert float(vol.relative[0, 0, 0]) == pytest.approx(1.0)
+
+
 def test_distillation_is_winner_takes_all_modulo_the_in_plane_flip():
     R = quaternion_to_matrix(random_quaternions(3, torch.Generator().manual_seed(1))).float()
     other = quaternion_to_matrix(random_quaternions(3, torch.Generator().manual_seed(2))).float()

@@ -22,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -117,6 +118,29 @@ def sample_volume(volume: torch.Tensor, k: torch.Tensor, grid: ReciprocalGrid) -
     vol = volume[None] if squeeze else volume
     out = trilinear(vol, grid.to_normalized(k.to(vol.dtype)))
     return out[0] if squeeze else out
+
+
+def gaussian_smooth(volume: torch.Tensor, sigma_voxels: float) -> torch.Tensor:
+    """``volume`` (n, n, n) convolved with a Gaussian of ``sigma_voxels`` (separable, edges replicated).
+
+    Example::
+
+        smooth = gaussian_smooth(torch.rand(16, 16, 16), 0.75)
+    """
+    if sigma_voxels <= 0:
+        return volume.clone()
+    r = int(math.ceil(3 * sigma_voxels))
+    x = torch.arange(-r, r + 1, dtype=volume.dtype, device=volume.device)
+    kernel = torch.exp(-0.5 * (x / sigma_voxels) ** 2)
+    kernel = kernel / kernel.sum()
+    out = volume[None, None]
+    for axis in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = len(kernel)
+        pad = [0] * 6
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r  # F.pad lists the last axis first
+        out = F.conv3d(F.pad(out, pad, mode="replicate"), kernel.reshape(shape))
+    return out[0, 0]
 
 
 def radial_shells(grid: ReciprocalGrid, device: torch.device | str | None = None) -> tuple[torch.Tensor, int]:

@@ -72,7 +72,7 @@ from xrai.rotations import (
     sixd_to_matrix,
 )
 from xrai.so3grid import so3_grid
-from xrai.volume import ReciprocalGrid, sample_volume
+from xrai.volume import ReciprocalGrid, gaussian_smooth, sample_volume
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,8 @@ class XraiSettings:
     infer_search_level: int = -1
     memory_images: tuple[int, int] = (2048, 8192)
     polish_passes: int = 0
+    polish_sharpen: float = 0.0
+    polish_sharpen_sigma: float = 0.75
 
     @classmethod
     def from_config(cls, cfg: dict, likelihood: str = "gaussian") -> XraiSettings:
@@ -139,6 +141,8 @@ class XraiSettings:
             infer_search_level=int(x.get("infer_search_level", d.infer_search_level)),
             memory_images=tuple(int(v) for v in x.get("memory_images", d.memory_images)),
             polish_passes=int(x.get("polish_passes", d.polish_passes)),
+            polish_sharpen=float(x.get("polish_sharpen", d.polish_sharpen)),
+            polish_sharpen_sigma=float(x.get("polish_sharpen_sigma", d.polish_sharpen_sigma)),
         )
 
     def q_fraction(self, step: int) -> float:
@@ -326,6 +330,18 @@ class MergedVoxelVolume(nn.Module):
         self.accumulate(*self.splat(k, values, weights), decay=decay)
 
     @torch.no_grad()
+    def sharpen(self, sigma_voxels: float, amount: float) -> None:
+        """Unsharp mask of the merged values: ``v + amount * (v - gaussian(v, sigma))``, at least 0, where merged.
+
+        A hard-assignment merge is the truth blurred by its pose errors (and the trilinear splat);
+        this puts part of that detail back before the next pass assigns poses against it.
+        """
+        merged = self.weight > MIN_WEIGHT
+        v = self.relative
+        sharp = (v + amount * (v - gaussian_smooth(v, sigma_voxels))).clamp_min(0)
+        self.weighted_sum.copy_(torch.where(merged, sharp * self.weight, self.weighted_sum))
+        self.refresh()
+
     def accumulate(self, sums: torch.Tensor, weights: torch.Tensor, decay: float) -> None:
         """``sums <- decay * sums + sums``, the same for the weights (splats of :meth:`splat`); then :meth:`refresh`.
         ``decay = 0`` replaces the volume by the given splats."""
@@ -807,6 +823,8 @@ class XraiRecipe(Recipe):
                 if sums is None:
                     return False
                 model.decoder.accumulate(sums, weights, decay=0.0)
+                if s.polish_sharpen > 0:
+                    model.decoder.sharpen(s.polish_sharpen_sigma, s.polish_sharpen)
                 logger.info("xrai polish pass %d/%d: %d images re-assigned and merged in %.1f s",
                             p + 1, s.polish_passes, n, time.perf_counter() - t0)
         finally:

@@ -100,7 +100,7 @@ class CryoemSearchSettings:
     fsc_margin: float = 1.25
     infer_refine_deg: tuple[float, ...] = (8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.125)
     infer_refine_shift_A: tuple[float, ...] = (1.0, 0.5, 0.25)
-    infer_candidates: int = 1
+    infer_candidates: int = 4
     memory_images: tuple[int, int] = (1024, 4096)
     init_images: int = 512
     q_start_A: float = 20.0
