@@ -36,8 +36,10 @@ demo: $(STAMP)
 demo-cryoem:
 	$(MAKE) demo CONFIG=config/cryoem-demo.yaml
 
+# two workers: the suite's pipelines spend much of their time in single-threaded startup and I/O;
+# tests that share one expensive fixture (a whole pipeline, the Slurm cluster) stay on one worker
 test: $(STAMP)
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra -n $(CORES) --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench scripts

@@ -12,6 +12,25 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+#: expensive fixtures that tests share: under pytest-xdist (``make test``: ``--dist loadgroup``) each is
+#: built once, on the one worker that runs every test using it
+SHARED_FIXTURES = ("pipeline_dir", "cryoem_pipeline_dir", "slurm_cluster")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """One xdist group per shared fixture, else one per test file (its module fixtures are built once);
+    the longest groups (whole pipelines, the Slurm cluster, slow tests) first, so that no worker starts one
+    near the end while the other idles. The order within a file is kept."""
+    def rank(item) -> int:
+        if any(name in getattr(item, "fixturenames", ()) for name in SHARED_FIXTURES):
+            return 0
+        return 1 if item.get_closest_marker("slow") else 2
+
+    for item in items:
+        shared = [name for name in SHARED_FIXTURES if name in getattr(item, "fixturenames", ())]
+        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.nodeid.split("::")[0]))
+    items.sort(key=rank)
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:

@@ -193,6 +193,31 @@ def test_poisson_search_finds_the_true_poses_in_raw_counts(poisson_data):
     assert float(err.median()) < 2.0 and float((err < 5.0).float().mean()) > 0.9, err
 
 
+def test_posterior_mean_pose_is_closer_than_the_refined_best_pose(poisson_data):
+    """Against the true intensity, each image's local Poisson posterior mean is closer to its true pose than the
+    refined maximum it is centred on (median over 128 images), and a flat posterior leaves a pose in place."""
+    from xrai.evaluation.metrics import fold_in_plane
+    from xrai.recon.abinitio import posterior_mean_poses, refine_poses
+    from xrai.rotations import angle_between
+
+    recipe, model, ds = _true_intensity_model(poisson_data, "poisson")
+    batch = recipe.batch(ds.read(0, 128), torch.device("cpu"))
+    counts, _ = recipe.observe(model, batch)
+    pixels = torch.arange(counts.shape[1])
+    truth = batch.rotations.double()
+
+    def median_error(R: torch.Tensor) -> float:
+        return float(torch.rad2deg(angle_between(fold_in_plane(R.double(), truth), truth)).median())
+
+    R_max = refine_poses(model, batch.rotations, counts, pixels, (4.0, 2.0, 1.0, 0.5, 0.25), iterations=2)
+    R_mean = posterior_mean_poses(model, R_max, counts, pixels, half_width_deg=3.0, points=5)
+    print(f"median error: refined maximum {median_error(R_max):.2f} deg, posterior mean {median_error(R_mean):.2f} deg")
+    assert median_error(R_mean) < 0.95 * median_error(R_max), (median_error(R_mean), median_error(R_max))
+    # no photons: every candidate is equally likely and the grid is symmetric about the pose
+    still = posterior_mean_poses(model, R_max[:4], torch.zeros_like(counts[:4]), pixels, 3.0, 5)
+    torch.testing.assert_close(still, R_max[:4], atol=1e-5, rtol=0)
+
+
 def test_grid_search_with_a_background_picks_the_best_candidate(poisson_data):
     """With a background the grid search scores the sparse way: its winner and loss are those of the dense
     per-candidate score over the whole grid."""
