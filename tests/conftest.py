@@ -17,6 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = ("pipeline_dir", "cryoem_pipeline_dir", "slurm_cluster")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
     """One xdist group per shared fixture, else one per test file (its module fixtures are built once);
     the longest groups (whole pipelines, the Slurm cluster, slow tests) first, so that no worker starts one
