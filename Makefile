@@ -37,9 +37,9 @@ demo-cryoem:
 	$(MAKE) demo CONFIG=config/cryoem-demo.yaml
 
 # two workers: the suite's pipelines spend much of their time in single-threaded startup and I/O;
-# tests that share one expensive fixture (a whole pipeline, the Slurm cluster) stay on one worker
+# each test file stays on one worker, so a file's expensive fixtures (a whole pipeline, the Slurm cluster) are built once
 test: $(STAMP)
-	$(BIN)/python -m pytest -ra -n $(CORES) --dist loadgroup
+	$(BIN)/python -m pytest -ra -n $(CORES) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench scripts

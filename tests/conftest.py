@@ -12,24 +12,19 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-#: expensive fixtures that tests share: under pytest-xdist (``make test``: ``--dist loadgroup``) each is
-#: built once, on the one worker that runs every test using it
+#: expensive fixtures that tests share; each lives in one test file, and ``make test`` runs two
+#: pytest-xdist workers with ``--dist loadfile``, so each is built once
 SHARED_FIXTURES = ("pipeline_dir", "cryoem_pipeline_dir", "slurm_cluster")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
-    """One xdist group per shared fixture, else one per test file (its module fixtures are built once);
-    the longest groups (whole pipelines, the Slurm cluster, slow tests) first, so that no worker starts one
-    near the end while the other idles. The order within a file is kept."""
+    """The longest tests first (whole pipelines, the Slurm cluster, then the other slow ones), so that no
+    worker starts one near the end while the other idles; the order within a file is kept."""
     def rank(item) -> int:
         if any(name in getattr(item, "fixturenames", ()) for name in SHARED_FIXTURES):
             return 0
         return 1 if item.get_closest_marker("slow") else 2
 
-    for item in items:
-        shared = [name for name in SHARED_FIXTURES if name in getattr(item, "fixturenames", ())]
-        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.nodeid.split("::")[0]))
     items.sort(key=rank)
 
 
