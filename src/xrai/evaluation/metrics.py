@@ -246,6 +246,8 @@ def resolution_from_fsc(
     The crossing shell ``s`` is interpolated linearly between the two shells around it;
     resolution = ``box / s`` pixels (Nyquist = 2 px) and ``box / s * voxel_size`` Å.
     A curve that never drops below the cutoff gives the Nyquist limit (2 px).
+    A curve already below the cutoff at shell 1 crosses between shells 0 and 1 and so gives
+    more than ``box`` pixels: nothing was resolved.
     """
     values = list(curve["fsc"])
     shells = list(curve["shell"])
