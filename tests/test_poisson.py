@@ -391,3 +391,23 @@ def test_no_polish_by_default_for_noise_free_data(test_config):
 
     assert XraiSettings.from_config(test_config, "gaussian").polish_passes == 0
     assert XraiSettings.from_config(test_config, "poisson").polish_passes == POISSON_OVERRIDES["polish_passes"] > 0
+
+
+def test_polish_sharpen_takes_one_amount_per_pass(test_config):
+    """``polish_sharpen``: one number for every pass, or one per pass with the last repeated; the schema takes
+    both and refuses a negative amount."""
+    from xrai.config import validate_config
+    from xrai.errors import XraiError
+    from xrai.recon.abinitio import XraiSettings
+
+    cfg = copy.deepcopy(test_config)
+    cfg["train"]["xrai"] = {"polish_passes": 4, "polish_sharpen": [1.0, 0.5]}
+    validate_config(cfg)
+    s = XraiSettings.from_config(cfg, "gaussian")
+    assert [s.sharpen_after_pass(i) for i in range(4)] == [1.0, 0.5, 0.5, 0.5]
+    cfg["train"]["xrai"]["polish_sharpen"] = 0.75
+    validate_config(cfg)
+    assert XraiSettings.from_config(cfg, "gaussian").sharpen_after_pass(3) == 0.75
+    cfg["train"]["xrai"]["polish_sharpen"] = [1.0, -0.5]
+    with pytest.raises(XraiError, match="polish_sharpen"):
+        validate_config(cfg)

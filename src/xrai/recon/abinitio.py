@@ -90,13 +90,18 @@ MIN_WEIGHT = 1e-2
 #: uncertain by ~1.5 degrees even against the true volume, and the encoder's guess is often
 #: further off, so inference scores every pixel, starts the pattern search at 8 degrees and adds
 #: the 15-degree grid to the encoder's candidates; the running-average volume of the steps is
-#: noisier than one merged from every image, so three polish passes re-assign and re-merge the
-#: whole training set, each merge sharpened against the blur of the hard assignments' pose errors,
-#: and the final poses are local posterior means (docs/method.md, "Photon counts", "Sharpening the
-#: polish merges" and "Posterior-mean poses": measured)
+#: noisier than one merged from every image, so four polish passes re-assign and re-merge the
+#: whole training set, each merge sharpened against the blur of the hard assignments' pose errors
+#: (less after the last, whose errors are smallest), and the final poses are local posterior means
+#: (docs/method.md, "Photon counts", "Sharpening the polish merges" and "Posterior-mean poses": measured)
 POISSON_OVERRIDES = {"infer_pixels": 4096, "infer_refine_deg": [8.0, 4.0, 2.0, 1.0, 0.5, 0.25],
-                     "infer_search_level": 2, "polish_passes": 3, "polish_sharpen": 1.0,
+                     "infer_search_level": 2, "polish_passes": 4, "polish_sharpen": [1.0, 1.0, 1.0, 0.5],
                      "infer_posterior_mean_deg": 4.0, "infer_posterior_mean_temperature": 2.0}
+
+
+def _per_pass(value: float | list[float] | tuple[float, ...]) -> tuple[float, ...]:
+    """A number, or one number per polish pass, as a tuple of floats."""
+    return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else (float(value),)
 
 
 @dataclass(frozen=True)
@@ -117,7 +122,7 @@ class XraiSettings:
     infer_search_level: int = -1
     memory_images: tuple[int, int] = (2048, 8192)
     polish_passes: int = 0
-    polish_sharpen: float = 0.0
+    polish_sharpen: tuple[float, ...] = (0.0,)
     polish_sharpen_sigma: float = 1.0
     infer_posterior_mean_deg: float = 0.0
     infer_posterior_mean_points: int = 5
@@ -147,13 +152,17 @@ class XraiSettings:
             infer_search_level=int(x.get("infer_search_level", d.infer_search_level)),
             memory_images=tuple(int(v) for v in x.get("memory_images", d.memory_images)),
             polish_passes=int(x.get("polish_passes", d.polish_passes)),
-            polish_sharpen=float(x.get("polish_sharpen", d.polish_sharpen)),
+            polish_sharpen=_per_pass(x.get("polish_sharpen", d.polish_sharpen)),
             polish_sharpen_sigma=float(x.get("polish_sharpen_sigma", d.polish_sharpen_sigma)),
             infer_posterior_mean_deg=float(x.get("infer_posterior_mean_deg", d.infer_posterior_mean_deg)),
             infer_posterior_mean_points=int(x.get("infer_posterior_mean_points", d.infer_posterior_mean_points)),
             infer_posterior_mean_temperature=float(x.get("infer_posterior_mean_temperature",
                                                          d.infer_posterior_mean_temperature)),
         )
+
+    def sharpen_after_pass(self, index: int) -> float:
+        """``polish_sharpen``'s amount after polish pass ``index`` (from 0; the last entry repeats)."""
+        return self.polish_sharpen[min(index, len(self.polish_sharpen) - 1)]
 
     def q_fraction(self, step: int) -> float:
         """Curriculum: the fraction of the detector's corner |q| used at ``step`` (piecewise linear)."""
@@ -876,8 +885,8 @@ class XraiRecipe(Recipe):
                 if sums is None:
                     return False
                 model.decoder.accumulate(sums, weights, decay=0.0)
-                if s.polish_sharpen > 0:
-                    model.decoder.sharpen(s.polish_sharpen_sigma, s.polish_sharpen)
+                if s.sharpen_after_pass(p) > 0:
+                    model.decoder.sharpen(s.polish_sharpen_sigma, s.sharpen_after_pass(p))
                 logger.info("xrai polish pass %d/%d: %d images re-assigned and merged in %.1f s",
                             p + 1, s.polish_passes, n, time.perf_counter() - t0)
         finally:
