@@ -885,8 +885,9 @@ class XraiRecipe(Recipe):
                 if sums is None:
                     return False
                 model.decoder.accumulate(sums, weights, decay=0.0)
-                if s.sharpen_after_pass(p) > 0:
-                    model.decoder.sharpen(s.polish_sharpen_sigma, s.sharpen_after_pass(p))
+                amount = s.sharpen_after_pass(p)
+                if amount > 0:
+                    model.decoder.sharpen(s.polish_sharpen_sigma, amount)
                 logger.info("xrai polish pass %d/%d: %d images re-assigned and merged in %.1f s",
                             p + 1, s.polish_passes, n, time.perf_counter() - t0)
         finally:
