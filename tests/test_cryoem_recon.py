@@ -14,7 +14,7 @@ import pytest
 import torch
 from cryoem_sets import BOX, PIXEL_A
 
-from xrai.cryoem.imaging import CentralSliceImaging
+from xrai.cryoem.imaging import CTF_KEYS, CentralSliceImaging
 from xrai.data.star import ParticleDataset
 from xrai.evaluation.cryoem import evaluate_cryoem, fit_frame_translation, pose_metrics
 from xrai.evaluation.metrics import fsc
@@ -107,6 +107,42 @@ def test_shell_whitening_gives_every_shell_the_same_power(adk_sets):
                                CentralSliceImaging.for_dataset(ds, pad=1)).initialise(ds)
 
 
+def test_whitening_floor_caps_the_weight_of_faint_shells(adk_sets):
+    """Known answer on noise-free images whose power falls by decades: shells above the floor get the
+    same power after the weight, the ones below keep their plain fall-off; on the 0 dB set (noise above
+    the floor everywhere) the floor changes nothing."""
+    from xrai.recon.cryoem import CryoemSearchRecipe
+
+    with ParticleDataset(adk_sets["train"]) as ds:
+        imaging = CentralSliceImaging.for_dataset(ds, pad=1)
+        noisy = ds.read(0, 128)
+
+    def recipe(floor: float) -> CryoemSearchRecipe:
+        return CryoemSearchRecipe({"train": {"xrai_cryoem": {"encoder": False, "whiten_floor": floor}}}, imaging)
+
+    torch.testing.assert_close(recipe(0.05)._shell_whitening(noisy), recipe(0.0)._shell_whitening(noisy))
+    n = noisy["images"].shape[-1]
+    k = torch.fft.fftfreq(n)
+    blur = torch.exp(-(k[:, None] ** 2 + k[None, :] ** 2) / (2 * 0.08**2))  # power down 1e-17 at Nyquist
+    smooth = torch.fft.ifft2(torch.fft.fft2(torch.randn(128, n, n, generator=torch.Generator().manual_seed(0))) * blur).real
+    faint = {"images": smooth}
+    r = recipe(0.05)
+    weight = r._shell_whitening(faint)
+    power = imaging.spectrum(smooth).abs().pow(2).mean(0).flatten()
+    shells = torch.round(r.q / r.q[r.q > 0].min()).long().flatten()
+    raw = torch.stack([power[shells == s].mean() for s in range(1, int(shells.max()) + 1)])
+    white = torch.stack([(power * weight**2)[shells == s].mean() for s in range(1, int(shells.max()) + 1)])
+    above = raw > 0.06 * power.mean()
+    below = raw < 0.04 * power.mean()
+    assert above.sum() >= 2 and below.sum() >= 2
+    assert float(white[above].max() / white[above].min()) < 1.01
+    torch.testing.assert_close(white[below] / white[below].max(), raw[below] / raw[below].max())
+    unfloored = recipe(0.0)._shell_whitening(faint)
+    assert float(unfloored.max() / unfloored.min()) > 100 * float(weight.max() / weight.min())
+    with pytest.raises(ValueError, match="whiten_floor"):
+        recipe(1.5)
+
+
 def test_multi_start_inference_keeps_the_best_refined_grid_candidate(adk_sets):
     """``infer_candidates``: the grid's best K pairs come sorted (the first is the single search's winner);
     refining each and keeping the best fit never places more images far off than refining the winner alone."""
@@ -138,3 +174,7 @@ def test_multi_start_inference_keeps_the_best_refined_grid_candidate(adk_sets):
     assert float(errors[4].median()) < 3.0
     assert int((errors[4] > 10).sum()) <= int((errors[1] > 10).sum())
     print(f"images > 10 deg off: {int((errors[1] > 10).sum())} (1 candidate), {int((errors[4] > 10).sum())} (4)")
+    # a set without CTF (the weight, shared by every image, is not repeated per candidate)
+    no_ctf = {key: v for key, v in batch.items() if key not in CTF_KEYS}
+    R, t = recipe.align(no_ctf, q_limit, generator=torch.Generator().manual_seed(1), candidates=4, rot_steps=(2.0,))
+    assert R.shape == (96, 3, 3) and t.shape == (96, 2) and bool(torch.isfinite(R).all())
