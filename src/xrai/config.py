@@ -405,6 +405,8 @@ def settings_from_section(cls: type, section: dict) -> Any:
             if isinstance(default, tuple):
                 cast = type(default[0]) if default else int
                 values[f.name] = tuple(cast(v) for v in value)
+            elif default is None or value is None:  # an optional setting: the schema checked its type
+                values[f.name] = value
             else:
                 values[f.name] = type(default)(value)
     return cls(**values)  # constructed with the values, so a __post_init__ check sees them
