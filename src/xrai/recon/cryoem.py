@@ -39,7 +39,6 @@ import torch
 from torch import nn
 
 from xrai.config import settings_from_section
-from xrai.cryoem.noise import noise_sigma
 from xrai.fourier import sample_fourier
 from xrai.imaging import ImagingModel
 from xrai.recon.abinitio import MultiHeadPoseEncoder, pattern_moves
@@ -373,8 +372,9 @@ class CryoemSearchRecipe:
         n = min(len(dataset), self.s.init_images)
         batch = dataset.read(0, n)
         if self.s.train_snr_db is not None:
+            # cryoPoseNet's SNR: each image's pixel variance, averaged, over the noise variance
             signal_variance = float(batch["images"].double().var(dim=(-2, -1)).mean())
-            self.train_noise_sd = noise_sigma(signal_variance, self.s.train_snr_db)
+            self.train_noise_sd = math.sqrt(signal_variance / 10 ** (self.s.train_snr_db / 10))
             batch = self.with_training_noise(batch)
         if self.s.score_weighting == "whiten":
             self.score_weight = self._shell_whitening(batch)
