@@ -31,6 +31,24 @@ def test_dry_run_paper_config_lists_every_job(tmp_path):
     assert "results/datasets/2CEX_A/test_10000.h5" in res.stdout
 
 
+def test_dry_run_cryoposenet_table_evaluates_every_method(tmp_path):
+    """cryoPoseNet's Table 1 with every cryo-EM method: each one is trained and evaluated on each dataset."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "config/cryoposenet.yaml").read_text())
+    methods = ["xrai", "known-pose", "cryoai", "cryoposenet"]
+    cfg["train"]["methods"] = [{"name": m} for m in methods]
+    path = tmp_path / "table1.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = snakemake("-n", "--directory", str(tmp_path), "--configfile", str(path))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    counts = job_counts(res.stdout)
+    datasets = len(cfg["proteins"])
+    assert counts["train_cryoem"] == counts["evaluate_cryoem"] == datasets * len(methods)
+    for m in methods:
+        assert f"results/metrics/4AKE_G/9000/{m}/metrics.json" in res.stdout
+
+
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory, pdb_mirror):
     """Run the whole pipeline at the test scale once, then build the HTML report."""

@@ -35,7 +35,7 @@ wildcard_constraints:
     protein="[A-Za-z0-9][A-Za-z0-9_.-]*",
     size=r"\d+",
     split="train|test",
-    method="xrai|xrai-paper|known-pose|xrai-known-pose|emc",
+    method="xrai|xrai-paper|known-pose|xrai-known-pose|emc|cryoai|cryoposenet",
     run=r"\d+",
 
 
