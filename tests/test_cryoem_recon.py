@@ -108,8 +108,8 @@ def test_shell_whitening_gives_every_shell_the_same_power(adk_sets):
 
 
 def test_training_noise_reaches_the_requested_snr_and_only_in_training(adk_sets):
-    """``train_snr_db``: the training batches get white noise at that SNR (cryoPoseNet's definition, the
-    simulator's ``noise_sigma``); without it, and at inference, the images are used as recorded."""
+    """``train_snr_db``: the training batches get white noise at that SNR (cryoPoseNet's definition, measured
+    with the simulator's ``snr_db``); without it, and at inference, the images are used as recorded."""
     from xrai.cryoem.noise import snr_db
     from xrai.recon.cryoem import CryoemSearchRecipe
 
