@@ -166,3 +166,25 @@ def test_multi_start_inference_keeps_the_best_refined_grid_candidate(adk_sets):
     no_ctf = {key: v for key, v in batch.items() if key not in CTF_KEYS}
     R, t = recipe.align(no_ctf, q_limit, generator=torch.Generator().manual_seed(1), candidates=4, rot_steps=(2.0,))
     assert R.shape == (96, 3, 3) and t.shape == (96, 2) and bool(torch.isfinite(R).all())
+
+
+def test_final_inference_scores_infer_pixels_and_training_refine_pixels(adk_sets, monkeypatch):
+    """The final poses' refinement and candidate choice score ``infer_pixels`` random Fourier pixels each
+    (a larger sample than the training steps' ``refine_pixels``: fewer noisy moves into a wrong minimum);
+    the training steps keep ``refine_pixels``, and the grid search ``search_pixels``."""
+    from xrai.recon.cryoem import CryoemSearchRecipe
+
+    settings = {"encoder": False, "search_pixels": 64, "refine_pixels": 96, "infer_pixels": 160}
+    with ParticleDataset(adk_sets["train"]) as ds:
+        recipe = CryoemSearchRecipe({"train": {"xrai_cryoem": settings}}, CentralSliceImaging.for_dataset(ds, pad=1))
+        recipe.initialise(ds)
+        batch = ds.read(0, 32)
+    counts: list[int] = []
+    sample = recipe._pixels
+    monkeypatch.setattr(recipe, "_pixels", lambda q, count, gen: counts.append(count) or sample(q, count, gen))
+    recipe.training_step(batch, 0)
+    assert set(counts) == {64, 96}
+    counts.clear()
+    R, t = recipe.infer(batch)
+    assert set(counts) == {64, 160} and counts.count(160) == len(recipe.s.infer_refine_deg) + 2
+    assert R.shape == (32, 3, 3) and bool(torch.isfinite(t).all())

@@ -98,8 +98,9 @@ class CryoemSearchSettings:
     refine_repeats: int = 1
     refine_shift_per_deg: float = 0.25
     fsc_margin: float = 1.25
-    infer_refine_deg: tuple[float, ...] = (8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.125)
+    infer_refine_deg: tuple[float, ...] = (8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.0625)
     infer_refine_shift_A: tuple[float, ...] = (1.0, 0.5, 0.25)
+    infer_pixels: int = 4096
     infer_candidates: int = 4
     memory_images: tuple[int, int] = (1024, 4096)
     init_images: int = 512
@@ -282,16 +283,18 @@ class CryoemSearchRecipe:
         return self.grid_R[best_flat % G], self.shifts[best_flat // G].clone()
 
     def refine(self, data: dict, q_limit: float, R: torch.Tensor, t: torch.Tensor, rot_steps: tuple[float, ...],
-               shift_steps: tuple[float, ...], generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+               shift_steps: tuple[float, ...], generator: torch.Generator | None,
+               pixels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Pattern search: rotations by ±step about x, y, z, then shifts by ±step in x, y, each kept if better.
+
+        Each step scores ``pixels`` random Fourier pixels (default ``refine_pixels``).
 
         A rotation step of ``d`` degrees is scored on pixels up to ``refine_q_deg / d`` Å⁻¹ (at most
         ``q_limit``): big steps see low resolution, where the misfit has no local minima that close.
         """
-        n = torch.arange(len(R))
+        n, count = torch.arange(len(R)), pixels or self.s.refine_pixels
         for step in rot_steps:
-            obs, ctf, k = self._subset(data, self._pixels(min(q_limit, self.s.refine_q_deg / step),
-                                                          self.s.refine_pixels, generator))
+            obs, ctf, k = self._subset(data, self._pixels(min(q_limit, self.s.refine_q_deg / step), count, generator))
             ctf1 = None if ctf is None else ctf[:, None, :]
             for _ in range(self.s.refine_repeats):
                 cand = R[:, None] @ pattern_moves(step).to(R)[None]  # (B, 7, 3, 3)
@@ -300,7 +303,7 @@ class CryoemSearchRecipe:
                 R = cand[n, loss.argmin(1)]
                 # a shift error of a fraction of the resolution would mislead the next, finer rotation step
                 t = self._shift_move(obs, ctf1, k, R, t, step * self.s.refine_shift_per_deg)
-        obs, ctf, k = self._subset(data, self._pixels(q_limit, self.s.refine_pixels, generator))
+        obs, ctf, k = self._subset(data, self._pixels(q_limit, count, generator))
         ctf1 = None if ctf is None else ctf[:, None, :]
         for step in shift_steps:
             t = self._shift_move(obs, ctf1, k, R, t, step)
@@ -317,11 +320,12 @@ class CryoemSearchRecipe:
     def align(self, batch: dict, q_limit: float, search: bool = True, generator: torch.Generator | None = None,
               rot_steps: tuple[float, ...] | None = None, shift_steps: tuple[float, ...] | None = None,
               R0: torch.Tensor | None = None, t0: torch.Tensor | None = None,
-              candidates: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+              candidates: int = 1, pixels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotation and origin (Å) per image of ``batch`` against the current volume: search, then refinement.
 
         ``candidates > 1``: that many of the grid's best (rotation, shift) pairs are each refined, and the
         one that fits best at ``q_limit`` is kept (a multi-start against a wrong basin of the coarse grid).
+        ``pixels``: Fourier pixels per refinement score (default ``refine_pixels``).
         """
         t_start = time.perf_counter()
         data = self._observations(batch)
@@ -338,9 +342,9 @@ class CryoemSearchRecipe:
             R, t = R0, t0
         t_mid = time.perf_counter()
         R, t = self.refine(data, q_limit, R, t, self.s.refine_deg if rot_steps is None else rot_steps,
-                           self.s.refine_shift_A if shift_steps is None else shift_steps, generator)
+                           self.s.refine_shift_A if shift_steps is None else shift_steps, generator, pixels)
         if top > 1:  # the refined candidate that fits best at the full limit
-            obs, ctf, k = self._subset(data, self._pixels(q_limit, self.s.refine_pixels, generator))
+            obs, ctf, k = self._subset(data, self._pixels(q_limit, pixels or self.s.refine_pixels, generator))
             loss = fit_losses(obs * shift_phases(k[:, :2], t).conj(), ctf, self._slices(R, k)).reshape(-1, top)
             n, best = torch.arange(len(loss)), loss.argmin(1)
             R, t = R.reshape(-1, top, 3, 3)[n, best], t.reshape(-1, top, 2)[n, best]
@@ -429,13 +433,14 @@ class CryoemSearchRecipe:
         q_limit = self.alignment_limit(self.s.steps)
         gen = torch.Generator().manual_seed(1)
         data = self._observations(batch)
-        obs, ctf, k = self._subset(data, self._pixels(q_limit, self.s.refine_pixels, gen))
+        obs, ctf, k = self._subset(data, self._pixels(q_limit, self.s.infer_pixels, gen))
         unshifted = obs[:, None, :] * shift_phases(k[:, :2], t_heads).conj()
         loss = fit_losses(unshifted, None if ctf is None else ctf[:, None, :], self._slices(R_heads, k))
         n = torch.arange(len(R_heads))
         R, t = R_heads[n, loss.argmin(1)], t_heads[n, loss.argmin(1)]
         if refine:
-            R, t = self.refine(data, q_limit, R, t, self.s.infer_refine_deg, self.s.infer_refine_shift_A, gen)
+            R, t = self.refine(data, q_limit, R, t, self.s.infer_refine_deg, self.s.infer_refine_shift_A, gen,
+                               self.s.infer_pixels)
         return R, t
 
     @torch.no_grad()
@@ -447,4 +452,5 @@ class CryoemSearchRecipe:
         q_limit = self.alignment_limit(self.s.steps)
         gen = torch.Generator().manual_seed(1)
         return self.align(batch, q_limit, generator=gen, rot_steps=self.s.infer_refine_deg,
-                          shift_steps=self.s.infer_refine_shift_A, candidates=self.s.infer_candidates)
+                          shift_steps=self.s.infer_refine_shift_A, candidates=self.s.infer_candidates,
+                          pixels=self.s.infer_pixels)
