@@ -188,3 +188,60 @@ def test_final_inference_scores_infer_pixels_and_training_refine_pixels(adk_sets
     R, t = recipe.infer(batch)
     assert set(counts) == {64, 160} and counts.count(160) == len(recipe.s.infer_refine_deg) + 2
     assert R.shape == (32, 3, 3) and bool(torch.isfinite(t).all())
+
+
+def test_fast_default_resumes_after_sigterm_to_the_same_result(adk_sets, tmp_path, caplog):
+    """A SIGTERM half-way (as at a Slurm time limit) writes the checkpoint and exits 128 + 15; the rerun
+    resumes and ends bit for bit where an uninterrupted run ends (CPU); another config starts afresh."""
+    import copy
+    import logging
+    import os
+    import signal
+
+    import h5py
+
+    from xrai.io import read_mrc
+    from xrai.recon.checkpoint import TrainingInterrupted
+
+    settings = {"steps": 8, "batch_size": 64, "shift_points": 3, "max_shift_A": 4.0, "init_images": 128,
+                "final_pad": 1, "train_snr_db": 5.0, "infer_candidates": 1, "infer_refine_deg": [2.0],
+                "infer_refine_shift_A": [0.5]}
+    cfg = {"train": {"seed": 0, "num_threads": 1, "checkpoint_every": 3, "xrai_cryoem": settings}}
+
+    def run(out, config, **kw):
+        return train_cryoem(copy.deepcopy(config), "xrai", 0, adk_sets["train"], adk_sets["test"], out, **kw)
+
+    def kill_at_5(step: int) -> None:
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    straight, resumed = run(tmp_path / "straight", cfg), tmp_path / "resumed"
+    with pytest.raises(TrainingInterrupted) as info:
+        run(resumed, cfg, step_callback=kill_at_5)
+    assert info.value.code == 128 + signal.SIGTERM
+    assert not (resumed / "volume.mrc").exists()
+    assert torch.load(resumed / "checkpoint.pt", weights_only=False)["step"] == 5
+    with caplog.at_level(logging.INFO, logger="xrai.recon.cryoem_train"):
+        run(resumed, cfg)
+    assert any("resumed from" in r.getMessage() and "at step 5" in r.getMessage() for r in caplog.records)
+    a = torch.load(straight / "checkpoint.pt", weights_only=False)
+    b = torch.load(resumed / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 8
+    for key in ("num", "den"):
+        torch.testing.assert_close(a["recipe"]["merge"][key], b["recipe"]["merge"][key], atol=0, rtol=0)
+    for key in a["recipe"]["encoder"]:
+        torch.testing.assert_close(a["recipe"]["encoder"][key], b["recipe"]["encoder"][key], atol=0, rtol=0)
+    for name in ("poses_train.h5", "poses_test.h5"):
+        with h5py.File(straight / name) as fa, h5py.File(resumed / name) as fb:
+            for key in ("rotations", "shifts_A", "index"):
+                np.testing.assert_array_equal(fa[key][...], fb[key][...], err_msg=f"{name}:{key}")
+    np.testing.assert_array_equal(read_mrc(straight / "volume.mrc")[0], read_mrc(resumed / "volume.mrc")[0])
+
+    other = copy.deepcopy(cfg)
+    other["train"]["xrai_cryoem"]["search_pixels"] = 256
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="xrai.recon.checkpoint"):
+        run(resumed, other)
+    lines = [r.getMessage() for r in caplog.records if "starting afresh" in r.getMessage()]
+    assert len(lines) == 1 and "xrai_cryoem.search_pixels" in lines[0]
+    assert torch.load(resumed / "checkpoint.pt", weights_only=False)["info"]["config"]["xrai_cryoem"]["search_pixels"] == 256

@@ -370,6 +370,25 @@ class CryoemSearchRecipe:
         shell = (int(below[0]) + 1) if len(below) else len(fsc) - 1
         self.q_fsc = shell / (merge.grid.size * self.imaging.pixel_size_A)
 
+    # -- checkpoints
+    def state_dict(self) -> dict:
+        """Everything the training steps change: the running merge, the encoder and its optimizer, the RNG,
+        the whitening weight and the training-noise level (a resumed run continues bit for bit on the CPU)."""
+        return {"merge": {"num": self.merge.num, "den": self.merge.den}, "encoder": self.encoder.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "generator": self.gen.get_state(),
+                "score_weight": self.score_weight, "train_noise_sd": self.train_noise_sd,
+                "timings": dict(self.timings)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.merge.num.copy_(state["merge"]["num"])
+        self.merge.den.copy_(state["merge"]["den"])
+        self.use_merge(self.merge)
+        self.encoder.load_state_dict(state["encoder"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["generator"])
+        self.score_weight, self.train_noise_sd = state["score_weight"], state["train_noise_sd"]
+        self.timings = dict(state["timings"])
+
     # -- training
     def initialise(self, dataset: Any) -> None:
         """The first volume: ``init_images`` images merged at random rotations, no shift (a near-isotropic blob)."""

@@ -130,6 +130,14 @@ class CryoemGradientRecipe:
         pass
 
 
+def run_info(method: str, run: int, seed: int, train_ds: Any, test_ds: Any, batch_size: int, tcfg: dict) -> dict:
+    """What a cryo-EM run's checkpoint records of the run that made it (compared on :data:`RESUME_KEYS`)."""
+    return {"method": method, "run": int(run), "seed": seed, "train_data": str(Path(train_ds.path).resolve()),
+            "n_train": len(train_ds), "batch_size": batch_size,
+            "config": {k: v for k, v in tcfg.items() if k not in NEUTRAL_TRAIN_KEYS},
+            "train_fingerprint": train_ds.fingerprint(), "test_fingerprint": test_ds.fingerprint()}
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) and k != "index" else v for k, v in batch.items()}
 
@@ -163,10 +171,7 @@ def train_cryoem_gradient(cfg: dict, method: str, recipe_cls: type[CryoemGradien
                 sum(p.numel() for p in recipe.model.parameters()))
 
     ckpt_path = out / "checkpoint.pt"
-    info = {"method": method, "run": int(run), "seed": seed, "train_data": str(Path(train_ds.path).resolve()),
-            "n_train": len(train_ds), "batch_size": batch_size,
-            "config": {k: v for k, v in tcfg.items() if k not in NEUTRAL_TRAIN_KEYS},
-            "train_fingerprint": train_ds.fingerprint(), "test_fingerprint": test_ds.fingerprint()}
+    info = run_info(method, run, seed, train_ds, test_ds, batch_size, tcfg)
     rows: list[dict] = []
     wall_before = 0.0
     state = resumable_checkpoint(ckpt_path, info, RESUME_KEYS)

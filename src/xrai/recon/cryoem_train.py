@@ -5,7 +5,9 @@ dataset and runs a recipe of :mod:`xrai.recon.cryoem`, streaming the particles. 
 run folder: ``volume.mrc`` (the Wiener-filtered potential, the particles' pixel size),
 ``half_fsc.json``, ``poses_train.h5`` / ``poses_test.h5`` (``rotations`` xrai poses, ``shifts_A``
 RELION origins, ``branch``, ``index``; ``source`` ground_truth or search), ``metrics.csv``
-(steps, resolution limit, time per ingredient), ``timing.json``, ``config.yaml``, ``provenance.json``.
+(steps, resolution limit, time per ingredient, memory), ``timing.json``, ``config.yaml``, ``provenance.json``,
+and for the fast default ``checkpoint.pt`` (the training steps' state: a killed run resumes from it
+when its config and data are the ones it was made with, else it starts afresh with one log line).
 
 Usage::
 
@@ -16,6 +18,7 @@ Usage::
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,12 +29,28 @@ import torch
 
 from xrai.cryoem.imaging import CentralSliceImaging
 from xrai.errors import XraiError
+from xrai.recon.checkpoint import (
+    CHECKPOINT_FORMAT,
+    StopRequest,
+    TrainingInterrupted,
+    resumable_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from xrai.recon.cryoai import CryoAIRecipe
 from xrai.recon.cryoem import CryoemSearchRecipe
-from xrai.recon.cryoem_gradient import CryoemGradientRecipe, train_cryoem_gradient
+from xrai.recon.cryoem_gradient import (
+    RESUME_KEYS,
+    CryoemGradientRecipe,
+    run_info,
+    train_cryoem_gradient,
+)
 from xrai.recon.cryoem_outputs import infer_all, true_poses, write_poses
 from xrai.recon.cryoposenet import CryoPoseNetRecipe
+from xrai.recon.loop import BatchStream
 from xrai.recon.wiener import WienerMerge
+from xrai.utils import resource_usage
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +77,61 @@ def known_pose_volume(dataset: Any, imaging: CentralSliceImaging, batch_size: in
     return merge.real_volume(imaging.size), merge
 
 
+def _search_steps(recipe: CryoemSearchRecipe, info: dict, train_ds: Any, seed: int, ckpt_path: Path,
+                  checkpoint_every: int, step_callback: Callable[[int], None] | None) -> tuple[list[dict], float]:
+    """The fast default's training steps, resumed from ``ckpt_path`` where its ``info`` matches this run's.
+
+    The checkpoint (recipe state, RNG, stream position, metrics rows) is written atomically every
+    ``checkpoint_every`` steps, after the last one, and on SIGTERM / SIGINT, which then raise
+    :class:`TrainingInterrupted` (exit status 128 + signal). Returns the metrics rows and the
+    training's wall seconds (of every attempt).
+    """
+    s = recipe.s
+    state = resumable_checkpoint(ckpt_path, info, RESUME_KEYS)
+    if state is not None:
+        recipe.load_state_dict(state["recipe"])
+        set_rng_state(state["rng"])
+        step, rows, wall_before = int(state["step"]), list(state["metrics"]), float(state["wall_s"])
+        stream = BatchStream(train_ds, s.batch_size, seed, drop_last=True, **state["data"])
+        logger.info("resumed from %s at step %d (epoch %d)", ckpt_path, step, stream.epoch)
+        if step > s.steps:
+            raise XraiError(f"{ckpt_path}: already at step {step} > train.xrai_cryoem.steps = {s.steps}")
+    else:
+        recipe.initialise(train_ds)
+        step, rows, wall_before = 0, [], 0.0
+        stream = BatchStream(train_ds, s.batch_size, seed, drop_last=True)
+    t_start = time.perf_counter()
+    wall = wall_before
+
+    def checkpoint() -> None:
+        save_checkpoint(ckpt_path, {"format": CHECKPOINT_FORMAT, "info": info, "step": step, "total_steps": s.steps,
+                                    "recipe": recipe.state_dict(), "rng": rng_state(), "data": stream.position(),
+                                    "metrics": rows, "wall_s": wall})
+
+    stop = StopRequest()
+    with stop.installed():
+        while step < s.steps and stop.signum is None:
+            info_step = recipe.training_step(stream.next(), step)
+            step += 1
+            wall = wall_before + time.perf_counter() - t_start
+            if step % 50 == 0 or step == s.steps:
+                rows.append({"step": step, "epoch": stream.epoch, "wall_s": wall, **info_step,
+                             "rss_mb": resource_usage()["rss_mb"], **{f"{k}_s": v for k, v in recipe.timings.items()}})
+                logger.info("step %d/%d: resolution limit %.1f A, %.0f s, rss %.0f MB (%s)", step, s.steps,
+                            info_step["q_limit_A"], wall, rows[-1]["rss_mb"],
+                            ", ".join(f"{k} {v:.0f}" for k, v in recipe.timings.items()))
+            if step % checkpoint_every == 0 or step == s.steps or stop.signum is not None:
+                checkpoint()
+            if step_callback is not None:
+                step_callback(step)
+        if stop.signum is not None and step < s.steps:
+            checkpoint()
+            logger.warning("stopped by %s at step %d/%d; checkpoint written to %s; rerun to resume",
+                           signal.Signals(stop.signum).name, step, s.steps, ckpt_path)
+            raise TrainingInterrupted(stop.signum, step)
+    return rows, wall
+
+
 def _cryoem_method(method: str) -> str:
     if method not in CRYOEM_METHODS:
         raise XraiError(f"method '{method}' does not run on cryo-EM particle sets; expected one of {sorted(CRYOEM_METHODS)}")
@@ -70,7 +144,9 @@ def train_cryoem(cfg: dict, method: str, run: int, train_data: str | Path, test_
     ``poses_train.h5`` / ``poses_test.h5``, ``metrics.csv`` (timings), ``config.yaml``, ``provenance.json``.
 
     Gradient-trained methods (:data:`GRADIENT_METHODS`) run in
-    :func:`xrai.recon.cryoem_gradient.train_cryoem_gradient` (``step_callback`` is theirs).
+    :func:`xrai.recon.cryoem_gradient.train_cryoem_gradient`. ``step_callback(step)`` is called after
+    every training step (tests send a signal half-way); on SIGTERM / SIGINT the checkpoint is
+    written and :class:`xrai.recon.checkpoint.TrainingInterrupted` is raised.
     """
     from xrai.data.star import ParticleDataset
     from xrai.io import provenance, write_csv, write_json, write_mrc, write_run_metadata
@@ -107,22 +183,10 @@ def train_cryoem(cfg: dict, method: str, run: int, train_data: str | Path, test_
     else:
         recipe = CryoemSearchRecipe(cfg, CentralSliceImaging.for_dataset(train_ds, pad=1), seed=seed)
         s = recipe.s
-        recipe.initialise(train_ds)
-        step, epoch = 0, 0
-        while step < s.steps:
-            for batch in train_ds.iter_batches(s.batch_size, shuffle=True, seed=seed, epoch=epoch, drop_last=True):
-                info = recipe.training_step(batch, step)
-                step += 1
-                if step % 50 == 0 or step == s.steps:
-                    wall = time.perf_counter() - t0
-                    rows.append({"step": step, "epoch": epoch, "wall_s": wall, **info,
-                                 **{f"{k}_s": v for k, v in recipe.timings.items()}})
-                    logger.info("step %d/%d: resolution limit %.1f A, %.0f s (%s)", step, s.steps, info["q_limit_A"],
-                                wall, ", ".join(f"{k} {v:.0f}" for k, v in recipe.timings.items()))
-                if step >= s.steps:
-                    break
-            epoch += 1
-        train_s = time.perf_counter() - t0
+        rows, train_s = _search_steps(recipe, run_info(method, run, seed, train_ds, test_ds, s.batch_size, tcfg),
+                                      train_ds, seed, out / "checkpoint.pt", int(tcfg.get("checkpoint_every", 500)),
+                                      step_callback)
+        t0 = time.perf_counter() - train_s  # the method's time counts the steps of every attempt once
         final_imaging = CentralSliceImaging.for_dataset(train_ds, pad=s.final_pad)
         for p in range(s.polish_passes):  # full-data EM: every training image at its pose, merged at once
             R, t, idx, _ = infer_all(train_ds, recipe.infer)

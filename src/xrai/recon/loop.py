@@ -72,18 +72,23 @@ def _fmt_time(seconds: float) -> str:
 
 
 class BatchStream:
-    """Endless shuffled batches: epoch after epoch, each shuffled with ``(seed, epoch)``; resumable by position."""
+    """Endless shuffled batches: epoch after epoch, each shuffled with ``(seed, epoch)``; resumable by position.
 
-    def __init__(self, dataset: Any, batch_size: int, seed: int, epoch: int = 0, batch_in_epoch: int = 0) -> None:
+    ``drop_last``: every batch has ``batch_size`` images (an epoch's short last batch is dropped).
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, seed: int, epoch: int = 0, batch_in_epoch: int = 0, *,
+                 drop_last: bool = False) -> None:
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
+        self.epoch, self.batch_in_epoch, self.drop_last = epoch, batch_in_epoch, drop_last
         self._it: Iterator | None = None
 
     def next(self) -> dict[str, torch.Tensor]:
         while True:
             if self._it is None:
                 self._it = self.dataset.iter_batches(self.batch_size, shuffle=True, seed=self.seed,
-                                                     epoch=self.epoch, skip=self.batch_in_epoch)
+                                                     epoch=self.epoch, skip=self.batch_in_epoch,
+                                                     drop_last=self.drop_last)
             try:
                 raw = next(self._it)
             except StopIteration:
