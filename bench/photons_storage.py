@@ -49,9 +49,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from xrai.config import load_config
+    from xrai.io import human_bytes
     from xrai.structure import load_structure
     from xrai.utils import set_cpu_threads
-    from xrai.xray.simulate import _human, simulate_dataset
+    from xrai.xray.simulate import simulate_dataset
 
     set_cpu_threads(1)
     base = load_config(REPO / "config.yaml")
@@ -107,7 +108,7 @@ def main() -> None:
     print("| photons per pattern | sparse | dense float32 |")
     print("|---|---:|---:|")
     for photons, sparse, dense in plan:
-        print(f"| {photons} | {_human(sparse)} | {_human(dense)} |")
+        print(f"| {photons} | {human_bytes(sparse)} | {human_bytes(dense)} |")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,16 @@ def test_physics_never_imports_learning():
     assert not {m: d for m, d in bad.items() if d}
 
 
+def test_imaging_modalities_do_not_import_each_other():
+    """X-ray and cryo-EM physics share only modality-agnostic modules (e.g. ``xrai.random_streams``)."""
+    graph = import_graph()
+    xray_to_em = {m: sorted(d for d in deps if within(d, ("xrai.cryoem",)))
+                  for m, deps in graph.items() if within(m, ("xrai.xray",))}
+    em_to_xray = {m: sorted(d for d in deps if within(d, ("xrai.xray",)))
+                  for m, deps in graph.items() if within(m, ("xrai.cryoem",))}
+    assert not {m: d for m, d in (xray_to_em | em_to_xray).items() if d}
+
+
 def test_package_never_imports_snakemake():
     bad = [m for m, deps in import_graph().items() if any(within(d, ("snakemake",)) for d in deps)]
     assert not bad

@@ -16,10 +16,11 @@ from xrai.data import open_dataset
 from xrai.data.cxi import CxiDataset, is_cxi, write_cxi
 from xrai.data.hdf5 import DatasetWriter, DiffractionDataset
 from xrai.errors import XraiError
+from xrai.random_streams import image_seeds, orientations_for
 from xrai.xray.geometry import Beam, Detector
 from xrai.xray.photons import detector_mask, jitter_factors, pixel_radius_px
 from xrai.xray.scattering import PatternSimulator, centred_positions
-from xrai.xray.simulate import _image_seeds, dataset_bytes, orientations_for, simulate_dataset
+from xrai.xray.simulate import dataset_bytes, simulate_dataset
 
 #: sha256 of images, orientations, scale, q, polarization, solid angle of 64 train images of
 #: config/test.yaml (CPU, batch 32), noise-free and Poisson, made by xrai at commit 1a0db35,
@@ -100,7 +101,7 @@ def test_fluence_and_mean_photons_modes(tmp_path, test_config, chain_a_cif, simu
 
 
 def test_jitter_statistics_and_reproducibility(tmp_path, test_config, chain_a_cif):
-    seeds = _image_seeds(0, "train", 3, 0, 20000)
+    seeds = image_seeds(0, "train", 3, 0, 20000)
     f = jitter_factors(seeds, 0.3)
     assert float(f.mean()) == pytest.approx(1.0, abs=3 * 0.3 / 20000**0.5)
     assert float(f.std()) == pytest.approx(0.3, rel=0.03) and bool((f > 0).all())

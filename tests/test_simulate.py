@@ -13,9 +13,10 @@ import yaml
 from xrai.cli import main
 from xrai.data.hdf5 import DiffractionDataset
 from xrai.errors import XraiError
+from xrai.random_streams import orientations_for
 from xrai.xray.geometry import Beam, Detector
 from xrai.xray.scattering import PatternSimulator, centred_positions
-from xrai.xray.simulate import dataset_bytes, orientations_for, planned_bytes, simulate_dataset
+from xrai.xray.simulate import dataset_bytes, planned_bytes, simulate_dataset
 
 
 def _config(tmp_path, base: dict, **simulation) -> str:

@@ -23,6 +23,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -46,6 +47,30 @@ WRITE_ERRNOS = {
     errno.EACCES: "permission denied (the folder is not writable)",
     errno.EPERM: "operation not permitted",
 }
+
+
+#: Free space kept beyond the planned size when checking the disk.
+DISK_MARGIN_BYTES = 256 * 2**20
+
+
+def human_bytes(nbytes: float) -> str:
+    """``1234567`` -> ``'1.2 MB'`` (decimal units)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(nbytes) < 1000 or unit == "TB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
+        nbytes /= 1000.0
+    return f"{nbytes:.1f} TB"
+
+
+def check_disk_space(directory: str | os.PathLike, needed: int, what: str) -> None:
+    """Refuse (XraiError with the numbers) when ``directory`` has less than ``needed`` bytes free (plus a margin)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(d).free
+    if needed + DISK_MARGIN_BYTES > free:
+        raise XraiError(
+            f"{what}: needs {human_bytes(needed)} ({needed} bytes) + {human_bytes(DISK_MARGIN_BYTES)} margin, "
+            f"but only {human_bytes(free)} ({free} bytes) are free in {d}")
 
 
 def _write_errno(exc: BaseException) -> int | None:

@@ -4,7 +4,7 @@ Following cryoPoseNet (data section) and cryoAI (image formation model), image `
 
 1. the projection along z of the rotated potential (:mod:`xrai.cryoem.potential`, V·Å: voxel
    sums × pixel size) by Fourier slice, for a uniformly random orientation (the same stream as
-   the X-ray simulator: ``xrai.xray.simulate.orientations_for``, so image ``i`` of a split has
+   the X-ray simulator: ``xrai.random_streams.orientations_for``, so image ``i`` of a split has
    the same rotation in both modalities); RELION angles ``(rot, tilt, psi)`` of ``A = R^T``,
    the image is made from ``A`` rebuilt from the angles written to the STAR file;
 2. shifted by ``t ~ N(0, cryoem.shift_sigma_A²)`` per axis (particle at centre + t,
@@ -45,16 +45,17 @@ import numpy as np
 import torch
 
 from xrai import __version__
+from xrai.config import split_seed
 from xrai.cryoem.ctf import CtfParams, fourier_filter
 from xrai.cryoem.noise import add_gaussian_noise, add_shot_noise, image_rng, noise_sigma
 from xrai.cryoem.potential import potential_from_file
 from xrai.cryoem.projection import FourierProjector
 from xrai.cryoem.relion import MrcsStackWriter, image_names, stack_label, write_star
 from xrai.errors import XraiError
-from xrai.io import write_json, write_run_metadata
+from xrai.io import check_disk_space, write_json, write_run_metadata
+from xrai.random_streams import orientations_for
 from xrai.rotations import matrix_to_relion_euler, quaternion_to_matrix, relion_euler_to_matrix
 from xrai.utils import pick_device, resource_usage, set_cpu_threads
-from xrai.xray.simulate import check_disk_space, orientations_for, split_seed
 
 logger = logging.getLogger(__name__)
 

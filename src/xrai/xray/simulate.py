@@ -42,7 +42,6 @@ import argparse
 import hashlib
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -53,8 +52,8 @@ from xrai import __version__
 from xrai.config import split_seed
 from xrai.data.hdf5 import DatasetWriter, write_sharded_master
 from xrai.errors import XraiError
-from xrai.io import atomic_path, provenance
-from xrai.rotations import random_quaternions
+from xrai.io import atomic_path, check_disk_space, human_bytes, provenance
+from xrai.random_streams import image_seeds, orientations_for, torch_seed
 from xrai.utils import pick_device, resource_usage, set_cpu_threads
 from xrai.xray.geometry import Beam, Detector
 from xrai.xray.photons import (
@@ -67,59 +66,14 @@ from xrai.xray.scattering import PatternSimulator, centred_positions, molecule_c
 
 logger = logging.getLogger(__name__)
 
-#: Orientations are drawn in blocks of this many images, each from its own seed.
-ORIENTATION_BLOCK = 4096
-#: Free space kept beyond the planned size when checking the disk.
-DISK_MARGIN_BYTES = 256 * 2**20
-_TEST_TAG = 0x7E57_5EED
-
-
-# --------------------------------------------------------------------------- seeds
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """A 64-bit mixing function (SplitMix64 finaliser): well-spread seeds from counters."""
-    z = (np.asarray(x, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15))
-    with np.errstate(over="ignore"):
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def _stream_base(seed: int, split: str, stream: int) -> int:
-    tag = _TEST_TAG if split == "test" else 0
-    return int(_splitmix64(np.uint64(seed) ^ np.uint64(tag) ^ (np.uint64(stream) << np.uint64(56))))
-
-
-def _torch_seed(x) -> int:
-    return int(np.uint64(x) >> np.uint64(1))  # manual_seed wants < 2**63
-
-
-def orientations_for(seed: int, split: str, start: int, stop: int) -> torch.Tensor:
-    """Uniform random unit quaternions (w, x, y, z), float64 ``(stop - start, 4)``, of images ``[start, stop)``.
-
-    Image ``i`` gets the same orientation whatever the batch size or the total count.
-    """
-    base = _stream_base(seed, split, 1)
-    out = []
-    for block in range(start // ORIENTATION_BLOCK, (stop - 1) // ORIENTATION_BLOCK + 1):
-        gen = torch.Generator().manual_seed(_torch_seed(_splitmix64(np.uint64(base) + np.uint64(block))))
-        q = random_quaternions(ORIENTATION_BLOCK, generator=gen)
-        b0 = block * ORIENTATION_BLOCK
-        out.append(q[max(start, b0) - b0: min(stop, b0 + ORIENTATION_BLOCK) - b0])
-    return torch.cat(out)
-
-
-def _image_seeds(seed: int, split: str, stream: int, start: int, stop: int) -> np.ndarray:
-    """One seed per image ``[start, stop)`` of a random stream (2: Poisson, 3: fluence jitter)."""
-    base = np.uint64(_stream_base(seed, split, stream))
-    return _splitmix64(base + np.arange(start, stop, dtype=np.uint64))
 
 
 def _add_poisson_noise(images: torch.Tensor, seed: int, split: str, start: int) -> torch.Tensor:
-    seeds = _image_seeds(seed, split, 2, start, start + len(images))
+    seeds = image_seeds(seed, split, 2, start, start + len(images))
     out = torch.empty_like(images)
     gen = torch.Generator()
     for i, s in enumerate(seeds):  # one stream per image: independent of the batch size
-        gen.manual_seed(_torch_seed(s))
+        gen.manual_seed(torch_seed(s))
         out[i] = torch.poisson(images[i], generator=gen)
     return out
 
@@ -161,14 +115,6 @@ def planned_bytes(cfg: dict) -> dict[str, int]:
     return plan
 
 
-def _human(nbytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(nbytes) < 1000 or unit == "TB":
-            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
-        nbytes /= 1000.0
-    return f"{nbytes:.1f} TB"
-
-
 def disk_plan_table(cfg: dict) -> str:
     """A Markdown table of the bytes per dataset and the total over the config's proteins."""
     from xrai.config import protein_entries
@@ -180,22 +126,11 @@ def disk_plan_table(cfg: dict) -> str:
     storage = sim.get("storage", "dense")
     kind = sim.get("dtype", "float32") if storage == "dense" else f"{storage} storage; dense bound unless mean_photons"
     lines = [f"| dataset ({n}x{n} px, {kind}) | bytes | size |", "|---|---:|---:|"]
-    lines += [f"| {name}.h5 | {b} | {_human(b)} |" for name, b in plan.items()]
+    lines += [f"| {name}.h5 | {b} | {human_bytes(b)} |" for name, b in plan.items()]
     total = sum(plan.values())
-    lines.append(f"| per protein | {total} | {_human(total)} |")
-    lines.append(f"| all {len(proteins)} proteins ({', '.join(proteins)}) | {total * len(proteins)} | {_human(total * len(proteins))} |")
+    lines.append(f"| per protein | {total} | {human_bytes(total)} |")
+    lines.append(f"| all {len(proteins)} proteins ({', '.join(proteins)}) | {total * len(proteins)} | {human_bytes(total * len(proteins))} |")
     return "\n".join(lines)
-
-
-def check_disk_space(directory: str | Path, needed: int, what: str) -> None:
-    """Refuse (XraiError with the numbers) when ``directory`` has less than ``needed`` bytes free (plus a margin)."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(d).free
-    if needed + DISK_MARGIN_BYTES > free:
-        raise XraiError(
-            f"{what}: needs {_human(needed)} ({needed} bytes) + {_human(DISK_MARGIN_BYTES)} margin, "
-            f"but only {_human(free)} ({free} bytes) are free in {d}")
 
 
 # --------------------------------------------------------------------------- simulation
@@ -353,7 +288,7 @@ def _simulate_batch(simulator: PatternSimulator, seed: int, split: str, start: i
     images = simulator.patterns(quats)
     scale = photons.signal_scale(images, dataset_factor)
     if photons.fluence_jitter > 0:
-        jitter = jitter_factors(_image_seeds(seed, split, 3, start, stop), photons.fluence_jitter)
+        jitter = jitter_factors(image_seeds(seed, split, 3, start, stop), photons.fluence_jitter)
         scale = scale * jitter.to(scale.device)
     images = images.mul_(scale[:, None, None].float()).cpu()
     scale = scale.cpu()
