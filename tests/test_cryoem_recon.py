@@ -245,3 +245,17 @@ def test_fast_default_resumes_after_sigterm_to_the_same_result(adk_sets, tmp_pat
     lines = [r.getMessage() for r in caplog.records if "starting afresh" in r.getMessage()]
     assert len(lines) == 1 and "xrai_cryoem.search_pixels" in lines[0]
     assert torch.load(resumed / "checkpoint.pt", weights_only=False)["info"]["config"]["xrai_cryoem"]["search_pixels"] == 256
+
+
+def test_pose_inference_over_a_set_reports_progress_and_keeps_the_order(adk_sets, caplog):
+    import logging
+
+    from xrai.recon.cryoem_outputs import INFER_BATCH, infer_all
+
+    with ParticleDataset(adk_sets["train"]) as ds, caplog.at_level(logging.INFO, logger="xrai.recon.cryoem_outputs"):
+        R, t, idx, branch = infer_all(ds, lambda b: (torch.eye(3).expand(len(b["index"]), 3, 3), b["shifts_A"]),
+                                      log_every_s=0.0)
+        assert np.array_equal(idx, np.arange(len(ds))) and R.shape == (len(ds), 3, 3)
+        np.testing.assert_allclose(t, ds.true_shifts(), rtol=1e-6)
+    lines = [r.getMessage() for r in caplog.records if "images/s" in r.getMessage()]
+    assert len(lines) == -(-len(idx) // INFER_BATCH) - 1 and f"{INFER_BATCH} / {len(idx)} images" in lines[0]

@@ -15,6 +15,7 @@ Usage::
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,12 +55,24 @@ def true_poses(dataset: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.concatenate(R), np.concatenate(t), np.concatenate(idx)
 
 
-def infer_all(dataset: Any, infer: Callable[[dict], tuple[torch.Tensor, ...]]
+def infer_all(dataset: Any, infer: Callable[[dict], tuple[torch.Tensor, ...]], log_every_s: float = 60.0
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``infer(batch) -> (R, origins[, branch])`` over a whole dataset in order: rotations, origins, index, branch."""
+    """``infer(batch) -> (R, origins[, branch])`` over a whole dataset in order: rotations, origins, index, branch.
+
+    A progress line (images done, rate, time left) at most every ``log_every_s`` seconds.
+    """
     R, t, idx, br = [], [], [], []
+    t0 = t_log = time.perf_counter()
+    done = 0
     for batch in dataset.iter_batches(INFER_BATCH, shuffle=False):
         out = infer(batch)
+        done += len(batch["index"])
+        now = time.perf_counter()
+        if now - t_log >= log_every_s and done < len(dataset):
+            rate = done / (now - t0)
+            logger.info("poses of %s: %d / %d images (%.1f images/s, %.0f s left)", getattr(dataset, "path", "dataset"),
+                        done, len(dataset), rate, (len(dataset) - done) / rate)
+            t_log = now
         R.append(out[0].cpu().numpy())
         t.append(out[1].cpu().numpy())
         br.append(out[2].cpu().numpy() if len(out) > 2 else np.zeros(len(batch["index"]), dtype=np.int8))
