@@ -259,3 +259,23 @@ def test_pose_inference_over_a_set_reports_progress_and_keeps_the_order(adk_sets
         np.testing.assert_allclose(t, ds.true_shifts(), rtol=1e-6)
     lines = [r.getMessage() for r in caplog.records if "images/s" in r.getMessage()]
     assert len(lines) == -(-len(idx) // INFER_BATCH) - 1 and f"{INFER_BATCH} / {len(idx)} images" in lines[0]
+
+
+def test_multi_start_until_a_step_refines_only_the_winner_finely(adk_sets, monkeypatch):
+    """``infer_candidates_until_deg``: the candidates take the rotation steps of at least that size on
+    ``refine_pixels``, the winner is chosen on ``infer_pixels`` and alone takes the finer steps on them."""
+    from xrai.recon.cryoem import CryoemSearchRecipe
+
+    settings = {"encoder": False, "search_pixels": 64, "refine_pixels": 96, "infer_pixels": 160,
+                "infer_candidates": 3, "infer_candidates_until_deg": 1.0, "infer_refine_deg": [2.0, 1.0, 0.5, 0.25]}
+    with ParticleDataset(adk_sets["train"]) as ds:
+        recipe = CryoemSearchRecipe({"train": {"xrai_cryoem": settings}}, CentralSliceImaging.for_dataset(ds, pad=1))
+        recipe.initialise(ds)
+        batch = ds.read(0, 32)
+    calls: list[tuple[int, int]] = []
+    refine = recipe.refine
+    monkeypatch.setattr(recipe, "refine", lambda data, q, R, t, rot, shift, gen, pixels=None: calls.append(
+        (len(R), len(rot), pixels)) or refine(data, q, R, t, rot, shift, gen, pixels))
+    R, t = recipe.infer(batch)
+    assert calls == [(96, 2, None), (32, 2, 160)]  # 3 candidates x 32 images to 1 deg; the winners to 0.25 deg
+    assert R.shape == (32, 3, 3) and bool(torch.isfinite(t).all())

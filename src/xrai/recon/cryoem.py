@@ -102,6 +102,7 @@ class CryoemSearchSettings:
     infer_refine_shift_A: tuple[float, ...] = (1.0, 0.5, 0.25)
     infer_pixels: int = 4096
     infer_candidates: int = 4
+    infer_candidates_until_deg: float = 0.0
     memory_images: tuple[int, int] = (1024, 4096)
     init_images: int = 512
     q_start_A: float = 20.0
@@ -320,15 +321,19 @@ class CryoemSearchRecipe:
     def align(self, batch: dict, q_limit: float, search: bool = True, generator: torch.Generator | None = None,
               rot_steps: tuple[float, ...] | None = None, shift_steps: tuple[float, ...] | None = None,
               R0: torch.Tensor | None = None, t0: torch.Tensor | None = None,
-              candidates: int = 1, pixels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              candidates: int = 1, pixels: int | None = None,
+              candidates_until_deg: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotation and origin (Å) per image of ``batch`` against the current volume: search, then refinement.
 
         ``candidates > 1``: that many of the grid's best (rotation, shift) pairs are each refined, and the
         one that fits best at ``q_limit`` is kept (a multi-start against a wrong basin of the coarse grid).
         ``pixels``: Fourier pixels per refinement score (default ``refine_pixels``).
+        ``candidates_until_deg > 0``: the candidates are refined only with the rotation steps of at least
+        that many degrees, on ``refine_pixels``; the winner (chosen on ``pixels``) alone takes the finer
+        steps and the shift steps on ``pixels`` (the cost of the large sample is paid once per image).
         """
         t_start = time.perf_counter()
-        data = self._observations(batch)
+        data = data_single = self._observations(batch)
         top = max(1, int(candidates)) if search else 1
         if search:
             q_search = min(q_limit, 1.0 / self.s.search_q_A)  # a coarse grid sees only low resolution
@@ -341,13 +346,21 @@ class CryoemSearchRecipe:
         else:
             R, t = R0, t0
         t_mid = time.perf_counter()
-        R, t = self.refine(data, q_limit, R, t, self.s.refine_deg if rot_steps is None else rot_steps,
-                           self.s.refine_shift_A if shift_steps is None else shift_steps, generator, pixels)
+        rot_steps = self.s.refine_deg if rot_steps is None else tuple(rot_steps)
+        shift_steps = self.s.refine_shift_A if shift_steps is None else tuple(shift_steps)
+        fine: tuple[float, ...] = ()
+        if top > 1 and candidates_until_deg > 0:
+            fine = tuple(step for step in rot_steps if step < candidates_until_deg)
+            rot_steps = tuple(step for step in rot_steps if step >= candidates_until_deg)
+        R, t = self.refine(data, q_limit, R, t, rot_steps, () if fine else shift_steps, generator,
+                           None if fine else pixels)
         if top > 1:  # the refined candidate that fits best at the full limit
             obs, ctf, k = self._subset(data, self._pixels(q_limit, pixels or self.s.refine_pixels, generator))
             loss = fit_losses(obs * shift_phases(k[:, :2], t).conj(), ctf, self._slices(R, k)).reshape(-1, top)
             n, best = torch.arange(len(loss)), loss.argmin(1)
             R, t = R.reshape(-1, top, 3, 3)[n, best], t.reshape(-1, top, 2)[n, best]
+        if fine:
+            R, t = self.refine(data_single, q_limit, R, t, fine, shift_steps, generator, pixels)
         self.timings["search"] += t_mid - t_start
         self.timings["refine"] += time.perf_counter() - t_mid
         return R, t
@@ -472,4 +485,4 @@ class CryoemSearchRecipe:
         gen = torch.Generator().manual_seed(1)
         return self.align(batch, q_limit, generator=gen, rot_steps=self.s.infer_refine_deg,
                           shift_steps=self.s.infer_refine_shift_A, candidates=self.s.infer_candidates,
-                          pixels=self.s.infer_pixels)
+                          pixels=self.s.infer_pixels, candidates_until_deg=self.s.infer_candidates_until_deg)
