@@ -174,7 +174,8 @@ def test_final_inference_scores_infer_pixels_and_training_refine_pixels(adk_sets
     the training steps keep ``refine_pixels``, and the grid search ``search_pixels``."""
     from xrai.recon.cryoem import CryoemSearchRecipe
 
-    settings = {"encoder": False, "search_pixels": 64, "refine_pixels": 96, "infer_pixels": 160}
+    settings = {"encoder": False, "search_pixels": 64, "refine_pixels": 96, "infer_pixels": 160,
+                "infer_candidates_until_deg": 0.0}
     with ParticleDataset(adk_sets["train"]) as ds:
         recipe = CryoemSearchRecipe({"train": {"xrai_cryoem": settings}}, CentralSliceImaging.for_dataset(ds, pad=1))
         recipe.initialise(ds)

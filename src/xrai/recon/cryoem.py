@@ -102,7 +102,7 @@ class CryoemSearchSettings:
     infer_refine_shift_A: tuple[float, ...] = (1.0, 0.5, 0.25)
     infer_pixels: int = 4096
     infer_candidates: int = 4
-    infer_candidates_until_deg: float = 0.0
+    infer_candidates_until_deg: float = 2.0
     memory_images: tuple[int, int] = (1024, 4096)
     init_images: int = 512
     q_start_A: float = 20.0
