@@ -67,7 +67,6 @@ from xrai.xray.scattering import PatternSimulator, centred_positions, molecule_c
 logger = logging.getLogger(__name__)
 
 
-
 def _add_poisson_noise(images: torch.Tensor, seed: int, split: str, start: int) -> torch.Tensor:
     seeds = image_seeds(seed, split, 2, start, start + len(images))
     out = torch.empty_like(images)
