@@ -193,7 +193,8 @@ def test_final_inference_scores_infer_pixels_and_training_refine_pixels(adk_sets
 
 def test_fast_default_resumes_after_sigterm_to_the_same_result(adk_sets, tmp_path, caplog):
     """A SIGTERM half-way (as at a Slurm time limit) writes the checkpoint and exits 128 + 15; the rerun
-    resumes and ends bit for bit where an uninterrupted run ends (CPU); another config starts afresh."""
+    resumes and ends bit for bit where an uninterrupted run ends (CPU); a changed inference setting resumes
+    from the finished steps; another config starts afresh."""
     import copy
     import logging
     import os
@@ -238,6 +239,15 @@ def test_fast_default_resumes_after_sigterm_to_the_same_result(adk_sets, tmp_pat
                 np.testing.assert_array_equal(fa[key][...], fb[key][...], err_msg=f"{name}:{key}")
     np.testing.assert_array_equal(read_mrc(straight / "volume.mrc")[0], read_mrc(resumed / "volume.mrc")[0])
 
+    inference_only = copy.deepcopy(cfg)  # a change of an inference setting reruns only the inference
+    inference_only["train"]["xrai_cryoem"]["infer_refine_repeats"] = 1
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        run(straight, inference_only)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("resumed from" in m and "at step 8" in m for m in messages)
+    assert not any("starting afresh" in m for m in messages)
+
     other = copy.deepcopy(cfg)
     other["train"]["xrai_cryoem"]["search_pixels"] = 256
     caplog.clear()
@@ -275,8 +285,48 @@ def test_multi_start_until_a_step_refines_only_the_winner_finely(adk_sets, monke
         batch = ds.read(0, 32)
     calls: list[tuple[int, int]] = []
     refine = recipe.refine
-    monkeypatch.setattr(recipe, "refine", lambda data, q, R, t, rot, shift, gen, pixels=None: calls.append(
-        (len(R), len(rot), pixels)) or refine(data, q, R, t, rot, shift, gen, pixels))
+    monkeypatch.setattr(recipe, "refine", lambda data, q, R, t, rot, shift, gen, pixels=None, repeats=None: calls.append(
+        (len(R), len(rot), pixels)) or refine(data, q, R, t, rot, shift, gen, pixels, repeats))
     R, t = recipe.infer(batch)
     assert calls == [(96, 2, None), (32, 2, 160)]  # 3 candidates x 32 images to 1 deg; the winners to 0.25 deg
     assert R.shape == (32, 3, 3) and bool(torch.isfinite(t).all())
+
+
+def test_pattern_search_needs_a_move_per_axis_and_the_final_poses_make_them(adk_sets, monkeypatch):
+    """One pattern-search move turns about one axis: from a pose off by 1.125° (a sum of the steps) about x, y and z, one move per
+    step stays ~1° off, three reach the exact optimum (spectra made from the recipe's own slices, so the
+    misfit's minimum is the true pose). The final poses make ``infer_refine_repeats`` moves per step, the
+    training steps ``refine_repeats``."""
+    import math
+
+    import xrai.recon.cryoem as cryoem
+    from xrai.recon.cryoem import CryoemSearchRecipe
+    from xrai.rotations import angle_between, axis_angle_to_matrix
+
+    settings = {"encoder": False, "infer_candidates": 1, "infer_refine_deg": [2.0, 1.0], "infer_refine_repeats": 3}
+    with ParticleDataset(adk_sets["train"]) as ds:
+        recipe = CryoemSearchRecipe({"train": {"xrai_cryoem": settings}}, CentralSliceImaging.for_dataset(ds, pad=1))
+        recipe.initialise(ds)
+        batch = ds.read(0, 32)
+    truth = batch["rotations"].float()
+    data = recipe._observations(batch)
+    data["spectrum"] = recipe._slices(truth, data["k"]) * data["ctf"]  # the model itself, at the true poses
+    off = torch.eye(3, dtype=torch.float64)
+    for axis in torch.eye(3, dtype=torch.float64):
+        off = off @ axis_angle_to_matrix(axis[None], torch.tensor([math.radians(1.125)], dtype=torch.float64))[0]
+    errors = {}
+    for repeats in (1, 3):
+        R, _ = recipe.refine(data, recipe.q_nyquist, truth @ off.float(), torch.zeros(32, 2), (1.0, 0.5, 0.25, 0.125),
+                             (), torch.Generator().manual_seed(1), 256, repeats)
+        errors[repeats] = torch.rad2deg(angle_between(R.double(), truth.double()))
+    assert float(errors[1].median()) > 0.5
+    assert float(errors[3].max()) < 0.05, errors[3]
+
+    moves: list[float] = []
+    pattern_moves = cryoem.pattern_moves
+    monkeypatch.setattr(cryoem, "pattern_moves", lambda step: moves.append(step) or pattern_moves(step))
+    recipe.training_step(batch, 0)
+    assert moves == list(recipe.s.refine_deg)  # refine_repeats 1
+    moves.clear()
+    recipe.infer(batch)
+    assert moves == [2.0] * 3 + [1.0] * 3

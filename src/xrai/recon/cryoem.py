@@ -103,6 +103,7 @@ class CryoemSearchSettings:
     infer_pixels: int = 4096
     infer_candidates: int = 4
     infer_candidates_until_deg: float = 2.0
+    infer_refine_repeats: int = 2
     memory_images: tuple[int, int] = (1024, 4096)
     init_images: int = 512
     q_start_A: float = 20.0
@@ -118,6 +119,11 @@ class CryoemSearchSettings:
     infer: str = "search"
     score_weighting: str = "whiten"
     train_snr_db: float | None = None
+
+    #: read only after the training steps (final inference, polish, final merge): a change of them
+    #: keeps the checkpoint of the steps valid
+    POST_TRAINING = ("infer", "infer_refine_deg", "infer_refine_shift_A", "infer_pixels", "infer_candidates",
+                     "infer_candidates_until_deg", "infer_refine_repeats", "polish_passes", "final_pad")
 
     def __post_init__(self) -> None:
         if self.score_weighting not in ("whiten", "none"):  # checked at construction, not at the first step
@@ -285,10 +291,12 @@ class CryoemSearchRecipe:
 
     def refine(self, data: dict, q_limit: float, R: torch.Tensor, t: torch.Tensor, rot_steps: tuple[float, ...],
                shift_steps: tuple[float, ...], generator: torch.Generator | None,
-               pixels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               pixels: int | None = None, repeats: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Pattern search: rotations by ±step about x, y, z, then shifts by ±step in x, y, each kept if better.
 
-        Each step scores ``pixels`` random Fourier pixels (default ``refine_pixels``).
+        Each step scores ``pixels`` random Fourier pixels (default ``refine_pixels``) and makes up to
+        ``repeats`` moves (default ``refine_repeats``): one move turns about one axis only, so an error
+        about two or three axes needs as many moves at the step that fits it.
 
         A rotation step of ``d`` degrees is scored on pixels up to ``refine_q_deg / d`` Å⁻¹ (at most
         ``q_limit``): big steps see low resolution, where the misfit has no local minima that close.
@@ -297,7 +305,7 @@ class CryoemSearchRecipe:
         for step in rot_steps:
             obs, ctf, k = self._subset(data, self._pixels(min(q_limit, self.s.refine_q_deg / step), count, generator))
             ctf1 = None if ctf is None else ctf[:, None, :]
-            for _ in range(self.s.refine_repeats):
+            for _ in range(self.s.refine_repeats if repeats is None else repeats):
                 cand = R[:, None] @ pattern_moves(step).to(R)[None]  # (B, 7, 3, 3)
                 loss = fit_losses(obs[:, None, :] * shift_phases(k[:, :2], t).conj()[:, None, :], ctf1,
                                   self._slices(cand, k))
@@ -321,8 +329,8 @@ class CryoemSearchRecipe:
     def align(self, batch: dict, q_limit: float, search: bool = True, generator: torch.Generator | None = None,
               rot_steps: tuple[float, ...] | None = None, shift_steps: tuple[float, ...] | None = None,
               R0: torch.Tensor | None = None, t0: torch.Tensor | None = None,
-              candidates: int = 1, pixels: int | None = None,
-              candidates_until_deg: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+              candidates: int = 1, pixels: int | None = None, candidates_until_deg: float = 0.0,
+              repeats: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotation and origin (Å) per image of ``batch`` against the current volume: search, then refinement.
 
         ``candidates > 1``: that many of the grid's best (rotation, shift) pairs are each refined, and the
@@ -331,6 +339,7 @@ class CryoemSearchRecipe:
         ``candidates_until_deg > 0``: the candidates are refined only with the rotation steps of at least
         that many degrees, on ``refine_pixels``; the winner (chosen on ``pixels``) alone takes the finer
         steps and the shift steps on ``pixels`` (the cost of the large sample is paid once per image).
+        ``repeats``: moves per refinement step (default ``refine_repeats``).
         """
         t_start = time.perf_counter()
         data = data_single = self._observations(batch)
@@ -353,14 +362,14 @@ class CryoemSearchRecipe:
             fine = tuple(step for step in rot_steps if step < candidates_until_deg)
             rot_steps = tuple(step for step in rot_steps if step >= candidates_until_deg)
         R, t = self.refine(data, q_limit, R, t, rot_steps, () if fine else shift_steps, generator,
-                           None if fine else pixels)
+                           None if fine else pixels, repeats)
         if top > 1:  # the refined candidate that fits best at the full limit
             obs, ctf, k = self._subset(data, self._pixels(q_limit, pixels or self.s.refine_pixels, generator))
             loss = fit_losses(obs * shift_phases(k[:, :2], t).conj(), ctf, self._slices(R, k)).reshape(-1, top)
             n, best = torch.arange(len(loss)), loss.argmin(1)
             R, t = R.reshape(-1, top, 3, 3)[n, best], t.reshape(-1, top, 2)[n, best]
         if fine:
-            R, t = self.refine(data_single, q_limit, R, t, fine, shift_steps, generator, pixels)
+            R, t = self.refine(data_single, q_limit, R, t, fine, shift_steps, generator, pixels, repeats)
         self.timings["search"] += t_mid - t_start
         self.timings["refine"] += time.perf_counter() - t_mid
         return R, t
@@ -472,7 +481,7 @@ class CryoemSearchRecipe:
         R, t = R_heads[n, loss.argmin(1)], t_heads[n, loss.argmin(1)]
         if refine:
             R, t = self.refine(data, q_limit, R, t, self.s.infer_refine_deg, self.s.infer_refine_shift_A, gen,
-                               self.s.infer_pixels)
+                               self.s.infer_pixels, self.s.infer_refine_repeats)
         return R, t
 
     @torch.no_grad()
@@ -485,4 +494,5 @@ class CryoemSearchRecipe:
         gen = torch.Generator().manual_seed(1)
         return self.align(batch, q_limit, generator=gen, rot_steps=self.s.infer_refine_deg,
                           shift_steps=self.s.infer_refine_shift_A, candidates=self.s.infer_candidates,
-                          pixels=self.s.infer_pixels, candidates_until_deg=self.s.infer_candidates_until_deg)
+                          pixels=self.s.infer_pixels, candidates_until_deg=self.s.infer_candidates_until_deg,
+                          repeats=self.s.infer_refine_repeats)

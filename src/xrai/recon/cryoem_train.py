@@ -7,7 +7,9 @@ run folder: ``volume.mrc`` (the Wiener-filtered potential, the particles' pixel 
 RELION origins, ``branch``, ``index``; ``source`` ground_truth or search), ``metrics.csv``
 (steps, resolution limit, time per ingredient, memory), ``timing.json``, ``config.yaml``, ``provenance.json``,
 and for the fast default ``checkpoint.pt`` (the training steps' state: a killed run resumes from it
-when its config and data are the ones it was made with, else it starts afresh with one log line).
+when its config and data are the ones it was made with, else it starts afresh with one log line;
+the inference-only settings, :attr:`CryoemSearchSettings.POST_TRAINING`, are not compared, so a
+change of them reruns only the inference and the final merge).
 
 Usage::
 
@@ -39,7 +41,7 @@ from xrai.recon.checkpoint import (
     set_rng_state,
 )
 from xrai.recon.cryoai import CryoAIRecipe
-from xrai.recon.cryoem import CryoemSearchRecipe
+from xrai.recon.cryoem import CryoemSearchRecipe, CryoemSearchSettings
 from xrai.recon.cryoem_gradient import (
     RESUME_KEYS,
     CryoemGradientRecipe,
@@ -183,7 +185,11 @@ def train_cryoem(cfg: dict, method: str, run: int, train_data: str | Path, test_
     else:
         recipe = CryoemSearchRecipe(cfg, CentralSliceImaging.for_dataset(train_ds, pad=1), seed=seed)
         s = recipe.s
-        rows, train_s = _search_steps(recipe, run_info(method, run, seed, train_ds, test_ds, s.batch_size, tcfg),
+        steps_cfg = dict(tcfg)  # the checkpoint of the steps stays valid across a change of inference settings
+        if tcfg.get("xrai_cryoem"):
+            steps_cfg["xrai_cryoem"] = {k: v for k, v in tcfg["xrai_cryoem"].items()
+                                        if k not in CryoemSearchSettings.POST_TRAINING}
+        rows, train_s = _search_steps(recipe, run_info(method, run, seed, train_ds, test_ds, s.batch_size, steps_cfg),
                                       train_ds, seed, out / "checkpoint.pt", int(tcfg.get("checkpoint_every", 500)),
                                       step_callback)
         t0 = time.perf_counter() - train_s  # the method's time counts the steps of every attempt once
