@@ -6,7 +6,8 @@ CTF; and S, a cryoAI-style set beside them: lognormal CTF, shifts of sigma 4 Å,
 evaluation against the reference potential, the pipeline's own cryo-EM tables), with the
 config's ``train`` section replaced by ``--methods`` and ``--set`` overrides; then one row per
 dataset is printed: the paper's resolution and MAE, and for every method the resolution (Å, FSC
-0.5 against the reference), the MAE and median rotation error on the held-out images and the
+0.5 against the reference) and the volume's correlation with it after the alignment (``cc``: a
+partly wrong volume can still cross FSC 0.5 at a fine shell), the MAE and median rotation error on the held-out images and the
 wall and CPU time of its training rule (which includes the inference of every pose and the final
 merge), with ``beats`` = lower MAE and finer resolution than cryoPoseNet within 30 minutes on 2
 cores (30 wall minutes, or 60 CPU minutes where the machine was shared and the wall clock
@@ -80,6 +81,7 @@ def collect(work: Path, cfg: dict, methods: list[str]) -> list[dict]:
             test = mj.get("pose_error_test") or {}
             wall, cpu = train_times_min(work, p["name"], size, m)
             row["methods"][m] = {"res_A": mj["resolution"]["0.5"]["A"], "res143_A": mj["resolution"]["0.143"]["A"],
+                                 "cc": (mj.get("alignment") or {}).get("cc"),
                                  "mae": test.get("mae_deg"), "median": test.get("median_deg"),
                                  "wall_min": wall, "cpu_min": cpu}
         rows.append(row)
@@ -94,7 +96,7 @@ def markdown(rows: list[dict], methods: list[str]) -> str:
     head = "| dataset | SNR (dB) | CTF | cryoPoseNet res (Å) / MAE (°) |"
     rule = "|---|---|---|---|"
     for m in methods:
-        head += f" {m}: res 0.5 / 0.143 (Å) | {m}: MAE / median (°) | {m}: wall / CPU min |"
+        head += f" {m}: res 0.5 / 0.143 (Å), cc | {m}: MAE / median (°) | {m}: wall / CPU min |"
         rule += "---|---|---|"
     head += " fast default beats cryoPoseNet in ≤ 30 min |"
     rule += "---|"
@@ -109,7 +111,7 @@ def markdown(rows: list[dict], methods: list[str]) -> str:
             if v is None:
                 line += " not run | | |"
                 continue
-            line += (f" {_f(v['res_A'])} / {_f(v['res143_A'])} | "
+            line += (f" {_f(v['res_A'])} / {_f(v['res143_A'])}, {_f(v['cc'], 3)} | "
                      f"{'true poses' if v['mae'] is None else _f(v['mae']) + ' / ' + _f(v['median'])} | "
                      f"{_f(v['wall_min'], 1)} / {_f(v['cpu_min'], 1)} |")
         x = r["methods"].get("xrai")
