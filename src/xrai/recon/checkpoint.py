@@ -12,7 +12,12 @@ Usage::
     from xrai.recon.checkpoint import StopRequest, resumable_checkpoint, save_checkpoint
     state = resumable_checkpoint(out / "checkpoint.pt", info, ("config", "seed"))
     with StopRequest().installed() as stop:
-        ...                                   # train; if stop.signum: save_checkpoint(...) and raise
+        while step < total and stop.signum is None:
+            ...                               # one step
+            if stop.checkpoint_due(step, total, every):
+                checkpoint()
+        if stop.signum is not None and step < total:
+            stop.interrupt(checkpoint, step, f"at step {step}/{total}", path)
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ import contextlib
 import logging
 import random
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -52,6 +57,20 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signum = signum
         logger.warning("received %s: will checkpoint after the current step and exit", signal.Signals(signum).name)
+
+    def checkpoint_due(self, step: int, total: int, every: int) -> bool:
+        """After ``step``: a checkpoint every ``every`` steps, after the last one and when a stop was requested."""
+        return step % every == 0 or step == total or self.signum is not None
+
+    def interrupt(self, checkpoint: Callable[[], None], step: int, where: str, path: Path) -> NoReturn:
+        """Write the checkpoint, say so in one line and raise :class:`TrainingInterrupted`.
+
+        ``where``: the loop's position, e.g. ``"at step 5/8"`` or ``"after iteration 3"``.
+        """
+        checkpoint()
+        logger.warning("stopped by %s %s; checkpoint written to %s; rerun to resume",
+                       signal.Signals(self.signum).name, where, path)
+        raise TrainingInterrupted(self.signum, step)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopRequest]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +46,6 @@ from xrai.errors import XraiError
 from xrai.recon.checkpoint import (
     CHECKPOINT_FORMAT,
     StopRequest,
-    TrainingInterrupted,
     resumable_checkpoint,
     rng_state,
     save_checkpoint,
@@ -228,15 +226,12 @@ def train_cryoem_gradient(cfg: dict, method: str, recipe_cls: type[CryoemGradien
                     t_window, n_window, loss_window = time.perf_counter(), 0, []
                 progress.update(step, row, float(stats["loss"]))
                 wall = wall_before + time.perf_counter() - t_start
-                if step % ckpt_every == 0 or step == total or stop.signum is not None:
+                if stop.checkpoint_due(step, total, ckpt_every):
                     checkpoint()
                 if step_callback is not None:
                     step_callback(step)
             if stop.signum is not None and step < total:
-                checkpoint()
-                logger.warning("stopped by %s at step %d/%d; checkpoint written to %s; rerun to resume",
-                               signal.Signals(stop.signum).name, step, total, ckpt_path)
-                raise TrainingInterrupted(stop.signum, step)
+                stop.interrupt(checkpoint, step, f"at step {step}/{total}", ckpt_path)
     finally:
         progress.close()
 

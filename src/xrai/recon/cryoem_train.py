@@ -20,7 +20,6 @@ Usage::
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +33,6 @@ from xrai.errors import XraiError
 from xrai.recon.checkpoint import (
     CHECKPOINT_FORMAT,
     StopRequest,
-    TrainingInterrupted,
     resumable_checkpoint,
     rng_state,
     save_checkpoint,
@@ -122,15 +120,12 @@ def _search_steps(recipe: CryoemSearchRecipe, info: dict, train_ds: Any, seed: i
                 logger.info("step %d/%d: resolution limit %.1f A, %.0f s, rss %.0f MB (%s)", step, s.steps,
                             info_step["q_limit_A"], wall, rows[-1]["rss_mb"],
                             ", ".join(f"{k} {v:.0f}" for k, v in recipe.timings.items()))
-            if step % checkpoint_every == 0 or step == s.steps or stop.signum is not None:
+            if stop.checkpoint_due(step, s.steps, checkpoint_every):
                 checkpoint()
             if step_callback is not None:
                 step_callback(step)
         if stop.signum is not None and step < s.steps:
-            checkpoint()
-            logger.warning("stopped by %s at step %d/%d; checkpoint written to %s; rerun to resume",
-                           signal.Signals(stop.signum).name, step, s.steps, ckpt_path)
-            raise TrainingInterrupted(stop.signum, step)
+            stop.interrupt(checkpoint, step, f"at step {step}/{s.steps}", ckpt_path)
     return rows, wall
 
 

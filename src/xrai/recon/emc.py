@@ -76,7 +76,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -694,7 +693,6 @@ def run_emc(
     from xrai.io import provenance, write_json, write_run_metadata
     from xrai.recon.checkpoint import (
         StopRequest,
-        TrainingInterrupted,
         resumable_checkpoint,
         rng_state,
         save_checkpoint,
@@ -796,10 +794,7 @@ def run_emc(
             if iteration_callback is not None:
                 iteration_callback(iteration)
         if stop.signum is not None and iteration < settings.n_iterations and not converged:
-            checkpoint()
-            logger.warning("stopped by %s after iteration %d; checkpoint written to %s; rerun to resume",
-                           signal.Signals(stop.signum).name, iteration, ckpt_path)
-            raise TrainingInterrupted(stop.signum, iteration)
+            stop.interrupt(checkpoint, iteration, f"after iteration {iteration}", ckpt_path)
 
     # ---- outputs: test poses matched against the final model at the finest level
     final_level = settings.levels[-1]

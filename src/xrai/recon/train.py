@@ -38,7 +38,6 @@ import argparse
 import logging
 import math
 import os
-import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -314,15 +313,12 @@ def train(
                     t_window, n_window, loss_window = time.perf_counter(), 0, []
                 progress.update(step, row, stats["loss"])
                 wall = wall_before + time.perf_counter() - t_start
-                if step % ckpt_every == 0 or step == total or stop.signum is not None:
+                if stop.checkpoint_due(step, total, ckpt_every):
                     checkpoint()
                 if step_callback is not None:
                     step_callback(step)
             if stop.signum is not None and step < total:
-                checkpoint()
-                logger.warning("stopped by %s at step %d/%d; checkpoint written to %s; rerun to resume",
-                               signal.Signals(stop.signum).name, step, total, ckpt_path)
-                raise TrainingInterrupted(stop.signum, step)
+                stop.interrupt(checkpoint, step, f"at step {step}/{total}", ckpt_path)
     finally:
         progress.close()
 
