@@ -7,6 +7,7 @@ wc = snakemake.wildcards  # noqa: F821
 run_from_snakemake(snakemake, "train", [  # noqa: F821
     "--method", wc.method,
     "--run", wc.run,
+    "--protein", wc.protein,
     "--train-data", snakemake.input.train,  # noqa: F821
     "--test-data", snakemake.input.test,  # noqa: F821
     "--out-dir", Path(snakemake.output[0]).parent,  # noqa: F821

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from xrai.config import load_config
+from xrai.config import load_config, validate_config
 from xrai.errors import XraiError
 
 
@@ -61,6 +61,7 @@ def test_paper_config_matches_the_paper(repo_root):
     (lambda c: c.update(proteins=[{"name": "x", "pdb": "2CEX", "chain": ["A"]}]), ["'proteins[0]'", "chains"]),
     (lambda c: c["structure"].update(timeout_s=-1), ["'structure.timeout_s'"]),
     (lambda c: c["detector"].pop("side_m"), ["'detector'", "side_m"]),
+    (lambda c: c.update(proteins=[{"name": "x", "pdb": "2CEX", "train": {"lr": 1e-3}}]), ["'proteins[0]'"]),
 ])
 def test_bad_config_is_one_readable_line(edit, names, tmp_path, repo_root):
     path = _write_config(tmp_path, repo_root, edit)
@@ -110,3 +111,28 @@ def test_snakemake_fetches_2cex_chain_a_from_the_mirror(tmp_path, repo_root, pdb
     assert summary["source"] == str(pdb_mirror / "2cex.pdb")
     assert (tmp_path / "results/structures/2CEX_A.cif").stat().st_size > 0
     assert (tmp_path / "results/logs/fetch_pdb/2CEX_A.log").is_file()
+
+
+def test_a_proteins_train_overrides_apply_to_its_reconstructions_only(repo_root):
+    """``proteins[i].train`` edits the train section for that protein: before the methods' own
+    overrides, absent from its spec (so its fetch and simulation do not see it), one line for a
+    name that is not in the config."""
+    from xrai.config import protein_config, step_config
+
+    cfg = load_config(repo_root / "config" / "test.yaml")
+    cfg["proteins"] = ["2CEX_A", {"name": "2CEX_B", "pdb": "2cex", "chains": ["B"],
+                                  "train": {"steps": 7, "xrai": {"lr": 0.5}}}]
+    cfg = validate_config(cfg)
+    known = next(m for m in cfg["train"]["methods"] if m["name"] == "xrai-known-pose")
+    assert protein_config(cfg, "2CEX_A") is cfg and protein_config(cfg, None) is cfg
+    own = protein_config(cfg, "2CEX_B")["train"]
+    assert own["steps"] == 7 and own["xrai"]["lr"] == 0.5
+    assert own["xrai"]["heads"] == cfg["train"]["xrai"]["heads"]  # merged into the section, not replacing it
+    assert cfg["train"]["steps"] != 7  # the config itself is untouched
+    view = step_config(cfg, method="xrai", protein="2CEX_B")
+    assert view["train"]["steps"] == 7 and "train" not in view["protein"]
+    assert step_config(cfg, method="xrai-known-pose", protein="2CEX_B")["train"]["steps"] == known["steps"]
+    assert step_config(cfg, protein="2CEX_B")["protein"] == step_config(cfg, protein="2CEX_A")["protein"] | {
+        "chains": ["B"]}
+    with pytest.raises(XraiError, match="'2CEX_C' is not in the config's proteins"):
+        protein_config(cfg, "2CEX_C")

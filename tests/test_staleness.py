@@ -111,6 +111,14 @@ def test_train_steps_rerun_training_of_methods_without_their_own_steps_threads_n
     assert _rerun_after(finished, how_it_runs) == set()
 
 
+def test_a_proteins_train_override_reruns_only_its_training(finished):
+    def edit(cfg):
+        cfg["proteins"] = [{"name": "2CEX_A", "pdb": "2CEX", "chains": ["A"], "train": {"steps": 400}}]
+
+    # as train.steps for this protein: neither its structure nor its datasets change
+    assert _rerun_after(finished, edit) == _chain("xrai", "known-pose")
+
+
 def test_one_methods_override_reruns_only_that_method(finished):
     def edit(cfg):
         next(m for m in cfg["train"]["methods"] if m["name"] == "known-pose")["lr"] = 1e-3

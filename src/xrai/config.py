@@ -285,6 +285,28 @@ def cryoem_config(cfg: dict, protein: str | None = None) -> dict:
     return out
 
 
+def protein_config(cfg: dict, protein: str | None) -> dict:
+    """A copy of ``cfg`` whose ``train`` section carries ``protein``'s ``train`` overrides (the config as is
+    for ``None`` or a protein without them).
+
+    ``proteins: [{name: 4AKE_A, pdb: 4AKE, train: {xrai_cryoem: {train_snr_db: 10}}}]`` trains on 4AKE_A
+    with training noise; its simulation and every other protein's reconstruction are unchanged.
+    """
+    if not protein:
+        return cfg
+    entries = protein_entries(cfg)
+    if protein not in entries:
+        raise XraiError(f"protein '{protein}' is not in the config's proteins (expected one of {sorted(entries)})")
+    entry = entries[protein]
+    if not entry.get("train"):
+        return cfg
+    out = copy.deepcopy(cfg)
+    section = out.setdefault("train", {})
+    for key, value in entry["train"].items():
+        section[key] = {**(section.get(key) or {}), **value} if isinstance(value, dict) else value
+    return out
+
+
 def method_runs(cfg: dict) -> dict[str, int]:
     """``{method: number of independent runs}`` from ``train.methods`` (none without a ``train`` section)."""
     return {m["name"]: int(m.get("runs", 1)) for m in cfg.get("train", {}).get("methods", [])}
@@ -354,13 +376,16 @@ def _prune(value: Any, prefix: str, drop: set[str]) -> Any:
 
 def step_config(cfg: dict, *, method: str | None = None, protein: str | None = None,
                 split: str | None = None) -> dict:
-    """The config as one job of a step sees it: ``method``'s train overrides applied (and the
-    other methods' entries dropped), ``protein`` = its spec, ``split_seed`` = the split's seed."""
-    view = method_config(cfg, method) if method is not None else dict(cfg)
+    """The config as one job of a step sees it: ``protein``'s train overrides applied
+    (:func:`protein_config`), then ``method``'s (and the other methods' entries dropped),
+    ``protein`` = its spec less those train overrides (they change its reconstructions only),
+    ``split_seed`` = the split's seed."""
+    view = protein_config(cfg, protein)
+    view = method_config(view, method) if method is not None else dict(view)
     if method is not None:
         view["train"] = {k: v for k, v in view["train"].items() if k != "methods"}
     if protein is not None:
-        view["protein"] = protein_entries(cfg)[protein]
+        view["protein"] = {k: v for k, v in protein_entries(cfg)[protein].items() if k != "train"}
     if split is not None:
         view["split_seed"] = split_seed(cfg, split)
     return view

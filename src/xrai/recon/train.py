@@ -197,18 +197,22 @@ def train(
     test_data: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
+    protein: str | None = None,
     step_callback: Callable[[int], None] | None = None,
 ) -> Path:
     """Train (or resume) one run and write every output into ``out_dir``; return ``out_dir``.
+
+    ``protein``: a name of ``cfg['proteins']`` whose ``train`` overrides apply (before ``method``'s).
 
     ``step_callback(step)`` is called after every completed step (tests use it to send
     a signal half-way). On SIGTERM / SIGINT the checkpoint is written and
     :class:`TrainingInterrupted` (a ``SystemExit``) is raised.
     """
-    from xrai.config import config_values, method_config, step_config
+    from xrai.config import config_values, method_config, protein_config, step_config
     from xrai.io import provenance, write_run_metadata
     from xrai.utils import pick_device, resource_usage, seed_everything, set_cpu_threads
 
+    cfg = protein_config(cfg, protein)
     if Path(train_data).suffix == ".star":  # a RELION particle set: the cryo-EM loop
         if "methods" in (cfg.get("train") or {}):
             cfg = method_config(cfg, method)
@@ -420,13 +424,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-data", required=True, metavar="H5", help="training dataset (xrai simulate)")
     parser.add_argument("--test-data", required=True, metavar="H5", help="test dataset (pose error, poses_test.h5)")
     parser.add_argument("--out-dir", required=True, metavar="DIR", help="run directory (resumes from its checkpoint.pt)")
+    parser.add_argument("--protein", metavar="NAME", help="apply this entry of the config's proteins' train overrides")
 
 
 def run(args: argparse.Namespace) -> None:
     """``xrai train``."""
     from xrai.config import load_config
 
-    train(load_config(args.config), args.method, args.run, args.train_data, args.test_data, args.out_dir)
+    train(load_config(args.config), args.method, args.run, args.train_data, args.test_data, args.out_dir,
+          protein=args.protein)
 
 
 def add_select_arguments(parser: argparse.ArgumentParser) -> None:
