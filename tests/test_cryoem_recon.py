@@ -239,6 +239,11 @@ def test_fast_default_resumes_after_sigterm_to_the_same_result(adk_sets, tmp_pat
                 np.testing.assert_array_equal(fa[key][...], fb[key][...], err_msg=f"{name}:{key}")
     np.testing.assert_array_equal(read_mrc(straight / "volume.mrc")[0], read_mrc(resumed / "volume.mrc")[0])
 
+    from dataclasses import fields
+
+    from xrai.recon.cryoem import CryoemSearchSettings
+
+    assert set(CryoemSearchSettings.POST_TRAINING) <= {f.name for f in fields(CryoemSearchSettings)}
     inference_only = copy.deepcopy(cfg)  # a change of an inference setting reruns only the inference
     inference_only["train"]["xrai_cryoem"]["infer_refine_repeats"] = 1
     caplog.clear()
