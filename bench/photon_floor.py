@@ -43,21 +43,15 @@ from photons import level_config, mean_photons, write_rows  # noqa: E402
 
 
 def true_intensity_volume(model, intensity_path: Path) -> None:
-    """Put the reference intensity into ``model``'s merged volume (relative to its radial profile squared)."""
-    import torch
-
+    """Put the reference intensity into ``model``'s merged volume (the Poisson score fits a fluence per
+    image, so the overall scale of the volume does not matter)."""
     from xrai.volume import read_volume_h5
 
     intensity, grid = read_volume_h5(str(intensity_path), "intensity")
     dec = model.decoder
     if grid.size != dec.grid.size or abs(grid.dq - dec.grid.dq) > 1e-9 * dec.grid.dq:
         raise SystemExit(f"{intensity_path}: grid {grid} differs from the reconstruction's {dec.grid}")
-    k = dec.grid.coordinates(dtype=torch.float32)
-    profile2 = (dec.scale * dec.radial_at(k.norm(dim=-1))) ** 2
-    # the Poisson score fits a fluence per image, so the overall scale of the volume does not matter
-    dec.weighted_sum.copy_(intensity.clamp_min(0) / profile2.clamp_min(1e-30))
-    dec.weight.fill_(1.0)
-    dec.refresh()
+    dec.set_intensity(intensity)
 
 
 def known_pose_volume(cfg: dict, train_ds, device):

@@ -115,8 +115,7 @@ def true_volume_model(test_scale_data):
     true_int, grid = read_volume_h5(str(test_scale_data["intensity"]), "intensity")
     dec = model.decoder
     assert grid.size == dec.grid.size and math.isclose(grid.q_max, dec.grid.q_max, rel_tol=1e-4)
-    radial = dec.radial_at(grid.coordinates(dtype=torch.float32).norm(dim=-1))
-    dec.relative = true_int.clamp_min(0).sqrt() / (dec.scale * radial)
+    dec.set_intensity(true_int)
     return recipe, model, ds
 
 

@@ -162,8 +162,8 @@ def _true_intensity_model(data: dict, likelihood: str):
     recipe.prepare(model, ds, torch.device("cpu"))
     true_int, grid = read_volume_h5(str(data["intensity"]), "intensity")
     dec = model.decoder
-    radial = dec.scale * dec.radial_at(grid.coordinates(dtype=torch.float32).norm(dim=-1))
-    dec.relative = true_int.clamp_min(0) / radial**2 if dec.intensity else true_int.clamp_min(0).sqrt() / radial
+    assert grid.size == dec.grid.size
+    dec.set_intensity(true_int)
     return recipe, model, ds
 
 

@@ -291,6 +291,17 @@ class MergedVoxelVolume(nn.Module):
                                     torch.ones_like(self.weight))
         self.version += 1
 
+    def set_intensity(self, intensity: torch.Tensor) -> None:
+        """Make the volume ``intensity`` (n, n, n) on this grid (e.g. the true one, for the floor of a
+        pose search): held in the merge sums as one image's worth, relative to the profile."""
+        if tuple(intensity.shape) != tuple(self.weight.shape):
+            raise ValueError(f"intensity of shape {tuple(intensity.shape)} on a grid of {tuple(self.weight.shape)}")
+        profile = (self.scale * self.radial_at(self.grid.coordinates(dtype=torch.float32).norm(dim=-1))).clamp_min(1e-15)
+        value = intensity.clamp_min(0) / profile**2 if self.intensity else intensity.clamp_min(0).sqrt() / profile
+        self.weighted_sum.copy_(value)
+        self.weight.fill_(1.0)
+        self.refresh()
+
     def state_key(self) -> tuple:
         """Changes whenever ``relative`` may have changed (refresh, assignment, in-place copy)."""
         return (self.version, self.relative.data_ptr(), self.relative._version)
