@@ -32,6 +32,7 @@ import logging
 import torch
 
 from xrai.cryoem.ctf import CtfParams, ctf_rfft, shift_phase
+from xrai.cryoem.noise import noise_sigma
 from xrai.cryoem.projection import project_real_space
 from xrai.fourier import fourier_grid
 from xrai.imaging import ImagingModel
@@ -127,6 +128,12 @@ class CentralSliceImaging(ImagingModel):
             raise ValueError(f"volume must be {(self.size,) * 3}, got {tuple(volume_xyz.shape)}")
         # project_real_space takes [z, y, x] volumes and RELION matrices A = R^T
         return project_real_space(volume_xyz.permute(2, 1, 0), R.transpose(-1, -2))
+
+    @staticmethod
+    def white_noise_sd(images: torch.Tensor, snr_db: float) -> float:
+        """The sd of white noise that puts ``images`` (B, N, N) at ``snr_db``: the simulator's SNR
+        (:func:`xrai.cryoem.noise.noise_sigma`, cryoPoseNet's: the images' mean pixel variance over the noise's)."""
+        return noise_sigma(float(images.double().var(dim=(-2, -1)).mean()), snr_db)
 
     # -- per-image factors
     def ctf(self, batch: dict | None) -> torch.Tensor | None:

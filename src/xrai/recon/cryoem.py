@@ -417,9 +417,7 @@ class CryoemSearchRecipe:
         n = min(len(dataset), self.s.init_images)
         batch = dataset.read(0, n)
         if self.s.train_snr_db is not None:
-            # cryoPoseNet's SNR: each image's pixel variance, averaged, over the noise variance
-            signal_variance = float(batch["images"].double().var(dim=(-2, -1)).mean())
-            self.train_noise_sd = math.sqrt(signal_variance / 10 ** (self.s.train_snr_db / 10))
+            self.train_noise_sd = self.imaging.white_noise_sd(batch["images"], self.s.train_snr_db)
             batch = self.with_training_noise(batch)
         if self.s.score_weighting == "whiten":
             self.score_weight = self._shell_whitening(batch)
