@@ -280,9 +280,15 @@ def cryoem_config(cfg: dict, protein: str | None = None) -> dict:
         raise XraiError("config key 'modality' must be 'cryoem' (with a 'cryoem' section) for this step")
     out = copy.deepcopy(cfg["cryoem"])
     entry = protein_entries(cfg).get(protein, {}) if protein else {}
-    for key, value in entry.get("cryoem", {}).items():
-        out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
+    _override(out, entry.get("cryoem", {}))
     return out
+
+
+def _override(section: dict, overrides: dict) -> None:
+    """Apply ``overrides`` to ``section`` in place: a dict value is merged into the section's dict of that key
+    (one level deep), anything else replaces it."""
+    for key, value in overrides.items():
+        section[key] = {**(section.get(key) or {}), **value} if isinstance(value, dict) else value
 
 
 def protein_config(cfg: dict, protein: str | None) -> dict:
@@ -301,9 +307,7 @@ def protein_config(cfg: dict, protein: str | None) -> dict:
     if not entry.get("train"):
         return cfg
     out = copy.deepcopy(cfg)
-    section = out.setdefault("train", {})
-    for key, value in entry["train"].items():
-        section[key] = {**(section.get(key) or {}), **value} if isinstance(value, dict) else value
+    _override(out.setdefault("train", {}), entry["train"])
     return out
 
 
@@ -320,13 +324,7 @@ def method_config(cfg: dict, method: str) -> dict:
     """
     out = copy.deepcopy(cfg)
     entry = next((m for m in cfg["train"]["methods"] if m["name"] == method), {})
-    for key, value in entry.items():
-        if key in ("name", "runs"):
-            continue
-        if isinstance(value, dict):
-            out["train"][key] = {**out["train"].get(key, {}), **value}
-        else:
-            out["train"][key] = value
+    _override(out["train"], {k: v for k, v in entry.items() if k not in ("name", "runs")})
     return out
 
 
