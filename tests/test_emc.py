@@ -125,6 +125,11 @@ def test_settings_schedule_and_errors():
 
     with pytest.raises(XraiError, match="emc.level_iterations"):
         EMCSettings(levels=[1, 2], level_iterations=[])
+    with pytest.raises(XraiError, match="emc.beta"):
+        EMCSettings(beta_start="slow")
+    # 'auto' on noise-free data: the Gaussian start; a number is kept as it is
+    assert EMCSettings().with_beta_start("gaussian", None).beta_start == 0.05
+    assert s.with_beta_start("poisson", None) is s
 
 
 # --------------------------------------------------------------------------- with simulated data
@@ -165,6 +170,11 @@ def test_poisson_photon_data_selects_the_poisson_likelihood_and_matches(test_sca
     assert resolve_likelihood("auto", ds) == "poisson"
     assert resolve_likelihood("auto", DiffractionDataset(test_scale["test"])) == "gaussian"
     # the raw counts (never divided by the simulator's scale): the fluence is fitted per image
+    # 'auto' annealing starts the Poisson posterior at 100 photons' worth of a pattern
+    with h5py.File(tmp_path / "poisson.h5", "r") as f:
+        photons = float(f["images"][...].sum(axis=(1, 2)).mean())
+    assert EMCSettings().with_beta_start("poisson", ds).beta_start == pytest.approx(100 / photons, rel=1e-6)
+    assert EMCSettings(beta_max=1e-4).with_beta_start("poisson", ds).beta_start == 1e-4
     emc = _emc(cfg, ds, likelihood="poisson", per_image_scale=True)
     emc.volume = _true_model(cfg, test_scale["intensity"]).float()
     _, R = emc.most_likely_poses(ds, 2)
