@@ -39,7 +39,7 @@ demo-cryoem:
 # two workers: the suite's pipelines spend much of their time in single-threaded startup and I/O;
 # each test file stays on one worker, so a file's expensive fixtures (a whole pipeline, the Slurm cluster) are built once
 test: $(STAMP)
-	$(BIN)/python -m pytest -ra -n $(CORES) --dist loadfile
+	$(BIN)/python -m pytest -ra --durations=20 -n $(CORES) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench scripts

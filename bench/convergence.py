@@ -340,8 +340,13 @@ def encoder_only_errors(out: Path, paths: dict) -> dict:
 
 
 def asc_resolution(asc: dict, cutoff: float = 0.5) -> float:
-    """1 / q (Angstrom) where the amplitude shell correlation first falls below ``cutoff`` (linear between shells)."""
+    """1 / q (Angstrom) where the amplitude shell correlation first falls below ``cutoff`` (linear between shells).
+
+    ``inf`` when even the first shell lies below the cutoff: nothing was resolved.
+    """
     f, c = asc["freq_A_inv"], asc["corr"]
+    if not c or c[0] < cutoff:
+        return math.inf
     for i in range(1, len(c)):
         if f[i] > 0 and c[i] < cutoff:
             f0, c0 = f[i - 1], c[i - 1]

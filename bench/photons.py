@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -150,7 +151,7 @@ def table(rows: list[dict]) -> str:
         med = "—" if r.get("median_deg") is None else f"{r['median_deg']:.2f}°"
         frac = "—" if r.get("frac_within_5") is None else f"{100 * r['frac_within_5']:.0f}%"
         lines.append(f"| {r['photons']:.0f} ({r['level']}) | {r['n_train']} | {r['method']} | {med} | {frac} | "
-                     f"{r['resolution_A']:.1f} | {r['asc_mean']:.3f} | {r['wall_s'] / 60:.1f} | "
+                     f"{'none' if math.isinf(r['resolution_A']) else format(r['resolution_A'], '.1f')} | {r['asc_mean']:.3f} | {r['wall_s'] / 60:.1f} | "
                      f"{'—' if r['cpu_s'] is None else format(r['cpu_s'] / 60, '.1f')} |")
     return "\n".join(lines)
 
@@ -183,6 +184,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax1.set_ylabel("median test pose error (deg)")
     ax2.set_ylabel("mean amplitude shell correlation with the truth")
     ax1.legend(fontsize=8)
+    ax2.legend(fontsize=8)
     fig.suptitle("2CEX_A, 32 px, Poisson noise: pose error and resolution against photons per pattern")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
