@@ -132,7 +132,7 @@ def mean_photons(path: Path, n: int = 2000) -> float:
     from xrai.data.hdf5 import DiffractionDataset
 
     with DiffractionDataset(path) as ds:
-        return float(ds.read(0, min(n, len(ds)))["images"].sum(dim=(1, 2)).mean())
+        return ds.mean_photons_per_pattern(n)
 
 
 def write_rows(rows: list[dict], json_path: Path, markdown: str, markdown_path: Path | None) -> None:

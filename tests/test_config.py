@@ -31,7 +31,8 @@ def _rename(section: str, old: str, new: str):
     return edit
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "config/demo.yaml", "config/test.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "config/demo.yaml", "config/test.yaml",
+                                  "config/photon-curve.yaml"])
 def test_shipped_configs_load(name, repo_root):
     cfg = load_config(repo_root / name)
     assert cfg["structure"]["download_url"].startswith("https://")  # defaults were filled in
@@ -136,3 +137,49 @@ def test_a_proteins_train_overrides_apply_to_its_reconstructions_only(repo_root)
         "chains": ["B"]}
     with pytest.raises(XraiError, match="'2CEX_C' is not in the config's proteins"):
         protein_config(cfg, "2CEX_C")
+
+
+def test_a_proteins_simulation_overrides_change_its_datasets_only(repo_root):
+    """``proteins[i].simulation`` merges into the simulation section for that protein's steps: its
+    datasets' config hash changes, the others' stays what it was; the cross-key rules hold for it
+    too (named by its index); a cryo-EM protein cannot take one."""
+    from xrai.config import config_hash, has_photon_curve, protein_config, step_config
+
+    base = load_config(repo_root / "config" / "test.yaml")
+    cfg = load_config(repo_root / "config" / "test.yaml")
+    cfg["proteins"] = ["2CEX_A", {"name": "2CEX_A_200", "pdb": "2CEX", "chains": ["A"],
+                                  "simulation": {"min_total_intensity": 200, "poisson_noise": True,
+                                                 "background": {"uniform": 0.01}}}]
+    cfg = validate_config(cfg)
+    assert has_photon_curve(cfg) and not has_photon_curve(base)
+    sim = protein_config(cfg, "2CEX_A_200")["simulation"]
+    assert sim["min_total_intensity"] == 200 and sim["poisson_noise"] and sim["background"]["uniform"] == 0.01
+    assert sim["background"]["radial"] == base["simulation"]["background"]["radial"]  # merged, not replaced
+    assert cfg["simulation"] == base["simulation"]  # the config itself is untouched
+
+    def simulate_hash(c, protein):
+        return config_hash(step_config(c, protein=protein, split="train"), ["detector", "beam", "simulation"])
+
+    assert simulate_hash(cfg, "2CEX_A") == simulate_hash(base, "2CEX_A")
+    assert simulate_hash(cfg, "2CEX_A_200") != simulate_hash(cfg, "2CEX_A")
+
+    bad = load_config(repo_root / "config" / "test.yaml")
+    bad["proteins"] = ["2CEX_A", {"name": "x", "pdb": "2CEX", "simulation": {"storage": "sparse"}}]
+    with pytest.raises(XraiError, match=r"proteins\[1\]\.simulation\.storage"):
+        validate_config(bad)
+    cryo = load_config(repo_root / "config" / "cryoem-test.yaml")
+    cryo["proteins"] = [{"name": "4AKE_x", "pdb": "4AKE", "simulation": {"min_total_intensity": 200}}]
+    with pytest.raises(XraiError, match=r"proteins\[0\]\.simulation.*cryo-EM"):
+        validate_config(cryo)
+
+
+def test_the_photon_curve_config_plans_one_curve(tmp_path, repo_root, pdb_mirror):
+    """config/photon-curve.yaml: five datasets pairs, every method on each, one photon-curve figure."""
+    from pipeline_runs import job_counts
+
+    res = _snakemake(repo_root, "-n", "--directory", str(tmp_path),
+                     "--configfile", str(repo_root / "config" / "photon-curve.yaml"),
+                     env={"XRAI_PDB_MIRROR": str(pdb_mirror)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    counts = job_counts(res.stdout + res.stderr)
+    assert counts["photon_curve"] == 1 and counts["simulate"] == 10 and counts["evaluate"] == 15

@@ -71,3 +71,35 @@ def test_table_cli_missing_file_is_one_line_error(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope.json" in err[0]
+
+
+def test_photon_curve_reads_each_proteins_photons(tmp_path):
+    """``xrai figures --kind photon-curve``: one point per reconstruction, at the mean photons per
+    pattern of its own training set, with its metrics; PNG and PDF written."""
+    import numpy as np
+
+    from xrai.data.hdf5 import write_dataset
+    from xrai.report.figures import load_reconstructions, photon_curve_points
+
+    results = tmp_path / "results"
+    paths = []
+    for protein, photons, median in (("P_low", 40.0, 60.0), ("P_high", 4000.0, 1.5)):
+        images = np.zeros((6, 4, 4), dtype=np.float32)
+        images[:, 0, 0] = photons - 1
+        images[:, 2, 3] = 1  # totals of exactly `photons`
+        d = results / "datasets" / protein
+        d.mkdir(parents=True)
+        write_dataset(d / "train_6.h5", images, np.tile([1.0, 0, 0, 0], (6, 1)), np.zeros((4, 4, 3), np.float32))
+        for method, test in (("xrai", {"median_deg": median}), ("xrai-known-pose", None)):
+            m = results / "metrics" / protein / "6" / method / "metrics.json"
+            m.parent.mkdir(parents=True)
+            m.write_text(json.dumps({"protein": protein, "size": 6, "method": method, "pose_error_test": test,
+                                     "resolution_A": 10.0, "amplitude_correlation": {"mean": 0.5}}))
+            paths.append(str(m))
+    points = photon_curve_points(load_reconstructions(paths))
+    got = {(p["protein"], p["method"]): (p["photons"], p["median_deg"]) for p in points}
+    assert got == {("P_low", "xrai"): (40.0, 60.0), ("P_low", "xrai-known-pose"): (40.0, None),
+                   ("P_high", "xrai"): (4000.0, 1.5), ("P_high", "xrai-known-pose"): (4000.0, None)}
+    out = tmp_path / "figures"
+    assert main(["figures", "--kind", "photon-curve", "--metrics", *paths, "--out-dir", str(out)]) == 0
+    assert (out / "photon_curve.png").stat().st_size > 0 and (out / "photon_curve.pdf").stat().st_size > 0

@@ -168,3 +168,26 @@ def test_disk_plan_of_the_paper_config(repo_root, capsys):
     assert main(["simulate", "--config", str(repo_root / "config.yaml"), "--plan"]) == 0
     out = capsys.readouterr().out
     assert "| train_5000000.h5 |" in out and "all 2 proteins" in out
+
+
+def test_a_proteins_photon_statistics_apply_to_its_datasets(tmp_path, test_config, chain_a_cif):
+    """``proteins[i].simulation`` (``xrai simulate --protein``): that protein's datasets have its photon
+    count and noise; another protein's, and the config's without --protein, keep the config's."""
+    cfg = copy.deepcopy(test_config)
+    cfg["simulation"]["min_total_intensity"] = 2000
+    cfg["proteins"] = ["2CEX_A", {"name": "2CEX_A_50", "pdb": "2CEX", "chains": ["A"],
+                                  "simulation": {"min_total_intensity": 50, "poisson_noise": True}}]
+    path = tmp_path / "curve.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = {}
+    for protein in ("2CEX_A", "2CEX_A_50"):
+        out[protein] = tmp_path / f"{protein}.h5"
+        assert main(["simulate", "--config", str(path), "--protein", protein, "--structure", str(chain_a_cif),
+                     "--split", "train", "--n-images", "32", "--out", str(out[protein])]) == 0
+    with DiffractionDataset(out["2CEX_A"]) as plain, DiffractionDataset(out["2CEX_A_50"]) as low:
+        assert plain.attrs["scaling"]["min_total_intensity"] == 2000 and not plain.attrs["scaling"]["poisson_noise"]
+        assert low.attrs["scaling"]["min_total_intensity"] == 50 and low.attrs["scaling"]["poisson_noise"]
+        assert plain.mean_photons_per_pattern() >= 2000 * (1 - 1e-5)  # every pattern scaled to >= 2000
+        images = low.read(0, 32)["images"]
+        assert torch.equal(images, images.round())  # Poisson counts
+        assert 40 < low.mean_photons_per_pattern() < 0.2 * plain.mean_photons_per_pattern()

@@ -141,18 +141,34 @@ def _check_consistency(cfg: dict) -> None:
     methods = [m["name"] for m in cfg["train"]["methods"]]
     if len(set(methods)) != len(methods):
         raise ConfigKeyError(f"config key 'train.methods': a method is listed twice: {methods}", ("train", "methods"))
-    if sim["storage"] == "sparse" and not sim["poisson_noise"]:
-        raise ConfigKeyError("config key 'simulation.storage': sparse storage holds integer photon counts; "
-                             "it needs 'simulation.poisson_noise: true'", ("simulation", "storage"))
-    radii = [r for r, _ in sim["background"]["radial"]]
-    if radii != sorted(radii):
-        raise ConfigKeyError(f"config key 'simulation.background.radial': radii must increase, got {radii}",
-                             ("simulation", "background", "radial"))
+    _check_simulation(sim, ("simulation",))
+    for i, (name, spec) in enumerate(_protein_list(cfg)):
+        if not spec.get("simulation"):
+            continue
+        if modality(cfg) == "cryoem":
+            raise ConfigKeyError(f"config key 'proteins[{i}].simulation' ({name}): per-protein simulation settings are "
+                                 "X-ray photon statistics; a cryo-EM protein takes 'cryoem' overrides",
+                                 ("proteins", i, "simulation"))
+        merged = copy.deepcopy(sim)
+        _override(merged, spec["simulation"])
+        _check_simulation(merged, ("proteins", i, "simulation"))
     tr = cfg["train"]
     if tr["eval_images"] > sim["test_size"]:
         raise ConfigKeyError(
             f"config key 'train.eval_images' ({tr['eval_images']}) exceeds 'simulation.test_size' ({sim['test_size']})",
             ("train", "eval_images"))
+
+
+def _check_simulation(sim: dict, path: tuple) -> None:
+    """The cross-key rules of one resolved simulation section (``path``: where it came from, for the message)."""
+    where = _key_path(path)
+    if sim["storage"] == "sparse" and not sim["poisson_noise"]:
+        raise ConfigKeyError(f"config key '{where}.storage': sparse storage holds integer photon counts; "
+                             f"it needs '{where}.poisson_noise: true'", (*path, "storage"))
+    radii = [r for r, _ in sim["background"]["radial"]]
+    if radii != sorted(radii):
+        raise ConfigKeyError(f"config key '{where}.background.radial': radii must increase, got {radii}",
+                             (*path, "background", "radial"))
 
 
 def _where(path: Path, line: int, column: int) -> str:
@@ -284,6 +300,12 @@ def cryoem_config(cfg: dict, protein: str | None = None) -> dict:
     return out
 
 
+def has_photon_curve(cfg: dict) -> bool:
+    """True for an X-ray config with per-protein ``simulation`` settings: the pipeline then also draws its
+    photon curve (errors against photons per pattern over the proteins)."""
+    return modality(cfg) == "xray" and any(spec.get("simulation") for _, spec in _protein_list(cfg))
+
+
 def _override(section: dict, overrides: dict) -> None:
     """Apply ``overrides`` to ``section`` in place: a dict value is merged into the section's dict of that key
     (one level deep), anything else replaces it."""
@@ -292,11 +314,13 @@ def _override(section: dict, overrides: dict) -> None:
 
 
 def protein_config(cfg: dict, protein: str | None) -> dict:
-    """A copy of ``cfg`` whose ``train`` section carries ``protein``'s ``train`` overrides (the config as is
-    for ``None`` or a protein without them).
+    """A copy of ``cfg`` whose ``train`` and ``simulation`` sections carry ``protein``'s overrides of them (the
+    config as is for ``None`` or a protein without them).
 
     ``proteins: [{name: 4AKE_A, pdb: 4AKE, train: {xrai_cryoem: {train_snr_db: 10}}}]`` trains on 4AKE_A
     with training noise; its simulation and every other protein's reconstruction are unchanged.
+    ``proteins: [{name: 2CEX_A_200, pdb: 2CEX, chains: [A], simulation: {min_total_intensity: 200}}]``
+    simulates 2CEX chain A at 200 photons per pattern beside the config's other photon counts.
     """
     if not protein:
         return cfg
@@ -304,10 +328,13 @@ def protein_config(cfg: dict, protein: str | None) -> dict:
     if protein not in entries:
         raise XraiError(f"protein '{protein}' is not in the config's proteins (expected one of {sorted(entries)})")
     entry = entries[protein]
-    if not entry.get("train"):
+    if not entry.get("train") and not entry.get("simulation"):
         return cfg
     out = copy.deepcopy(cfg)
-    _override(out.setdefault("train", {}), entry["train"])
+    if entry.get("train"):
+        _override(out.setdefault("train", {}), entry["train"])
+    if entry.get("simulation"):
+        _override(out["simulation"], entry["simulation"])
     return out
 
 

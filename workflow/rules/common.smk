@@ -6,6 +6,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from xrai.config import (  # noqa: E402
     config_hash,
+    has_photon_curve,
     locate_error,
     method_runs,
     modality,
@@ -118,4 +119,6 @@ def final_outputs():
     )
     figures = expand(f"{RES}/figures/{{protein}}/densities.png", protein=PROTEINS)
     figures += expand(f"{RES}/figures/{{protein}}/{{size}}/images.png", protein=PROTEINS, size=TRAIN_SIZES)
+    if has_photon_curve(config):
+        figures.append(f"{RES}/figures/photon_curve.png")
     return metrics + [f"{RES}/tables/table1.md"] + figures

@@ -104,3 +104,30 @@ rule figures_images:
         **rule_resources("report"),
     script:
         "../../scripts/figures_images.py"
+
+
+rule photon_curve:
+    """X-ray proteins with their own photon statistics: pose error and resolution against photons per pattern."""
+    input:
+        metrics=expand(
+            f"{RES}/metrics/{{protein}}/{{size}}/{{method}}/metrics.json",
+            protein=PROTEINS,
+            size=TRAIN_SIZES,
+            method=METHODS,
+        ),
+        train=expand(dataset("{protein}", "train", "{size}"), protein=PROTEINS, size=TRAIN_SIZES),
+    output:
+        png=report(
+            f"{RES}/figures/photon_curve.png",
+            caption="../report/photon_curve.rst",
+            category="Photon curve",
+        ),
+        pdf=f"{RES}/figures/photon_curve.pdf",
+    log:
+        f"{RES}/logs/figures/photon_curve.log",
+    conda:
+        "../../envs/xrai.yaml"
+    resources:
+        **rule_resources("report"),
+    script:
+        "../../scripts/figures_photon_curve.py"

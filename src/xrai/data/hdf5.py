@@ -343,6 +343,15 @@ class DiffractionDataset(BlockDataset):
     def __repr__(self) -> str:
         return f"DiffractionDataset({str(self.path)!r}, n={self.n_images}, shape={self.image_shape})"
 
+    def mean_photons_per_pattern(self, n: int = 2000) -> float:
+        """Mean photons per pattern (background included) over the usable pixels of the first ``n`` images.
+
+        >>> DiffractionDataset("train_16384.h5").mean_photons_per_pattern()  # doctest: +SKIP
+        2000.14
+        """
+        images = self.read(0, min(n, len(self)))["images"].double()
+        return float(images[:, self.mask].sum(dim=1).mean())
+
     def read(self, start: int, stop: int) -> dict[str, torch.Tensor]:
         """Images ``[start, stop)``: ``{'images': float32 (B, H, W), 'orientations': float32 (B, 4), 'index': int64 (B,)}``.
 

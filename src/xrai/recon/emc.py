@@ -221,9 +221,7 @@ class EMCSettings:
 
 def signal_photons_per_pattern(dataset: Any, n: int = _PHOTON_SAMPLE_IMAGES) -> float:
     """Mean photons per pattern over the usable pixels of the first ``n`` images, less the expected background."""
-    images = dataset.read(0, min(n, len(dataset)))["images"].double()
-    mask = dataset.mask
-    return float(images[:, mask].sum(dim=1).mean() - dataset.background.double()[mask].sum())
+    return dataset.mean_photons_per_pattern(n) - float(dataset.background.double()[dataset.mask].sum())
 
 
 # --------------------------------------------------------------------------- the algorithm

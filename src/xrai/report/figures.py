@@ -307,10 +307,64 @@ def figure_images(recs: list[Reconstruction], out_dir: Path, n_images: int = 4) 
     _save(fig, out_dir, "images")
 
 
+def photon_curve_points(recs: list[Reconstruction]) -> list[dict]:
+    """One point per reconstruction: mean photons per training pattern (read from its dataset) beside its
+    median test pose error (None for true poses), FSC resolution (Å) and mean amplitude shell correlation."""
+    from xrai.data.hdf5 import DiffractionDataset
+
+    points = []
+    photons: dict[Path, float] = {}
+    for r in recs:
+        path = r.dataset_path("train")
+        if path not in photons:
+            with DiffractionDataset(path) as ds:
+                photons[path] = ds.mean_photons_per_pattern()
+        test = r.metrics.get("pose_error_test") or {}
+        points.append({"protein": r.protein, "size": r.size, "method": r.method, "label": r.label,
+                       "photons": photons[path], "median_deg": test.get("median_deg"),
+                       "resolution_A": r.metrics.get("resolution_A"),
+                       "asc_mean": (r.metrics.get("amplitude_correlation") or {}).get("mean")})
+    return points
+
+
+def figure_photon_curve(recs: list[Reconstruction], out_dir: Path) -> list[dict]:
+    """Median test pose error, resolution and mean amplitude shell correlation against photons per pattern:
+    one line per (method, training size) through the proteins (e.g. one structure simulated at several
+    photon counts). Returns the points drawn."""
+    import matplotlib.pyplot as plt
+
+    points = photon_curve_points(recs)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for label in dict.fromkeys(p["label"] for p in points):
+        line = sorted((p for p in points if p["label"] == label), key=lambda p: p["photons"])
+        x = [p["photons"] for p in line]
+        for ax, key in zip(axes, ("median_deg", "resolution_A", "asc_mean"), strict=True):
+            xy = [(xi, p[key]) for xi, p in zip(x, line, strict=True) if p[key] is not None and np.isfinite(p[key])]
+            if xy:
+                ax.plot(*zip(*xy, strict=True), "o-", label=label)
+    for p in points:
+        axes[2].annotate(p["protein"], (p["photons"], p["asc_mean"] or 0.0), fontsize=6, alpha=0.6)
+    for ax, ylabel in zip(axes, ("median test pose error (°)", "resolution (Å, FSC 0.5)",
+                                 "mean amplitude shell correlation"), strict=True):
+        ax.set_xscale("log")
+        ax.set_xlabel("mean photons per pattern")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_yscale("log")
+    for t in (2, 5):
+        axes[0].axhline(t, color="grey", ls=":", lw=1)
+    fig.suptitle("Pose error and resolution against photons per pattern")
+    _save(fig, out_dir, "photon_curve")
+    return points
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kind", choices=["protein", "images"], required=True,
-                        help="protein: densities, FSC, training, pose errors; images: Figure 1 analogue")
-    parser.add_argument("--metrics", nargs="+", required=True, help="metrics.json files of one protein")
+    parser.add_argument("--kind", choices=["protein", "images", "photon-curve"], required=True,
+                        help="protein: densities, FSC, training, pose errors; images: Figure 1 analogue; "
+                             "photon-curve: errors against photons per pattern over proteins")
+    parser.add_argument("--metrics", nargs="+", required=True,
+                        help="metrics.json files of one protein (photon-curve: of every protein)")
     parser.add_argument("--out-dir", required=True, metavar="DIR",
                         help="folder for the figures (PNG and PDF; created if missing)")
 
@@ -326,6 +380,8 @@ def run(args: argparse.Namespace) -> None:
         figure_fsc(recs, out)
         figure_training_curves(recs, out)
         figure_pose_errors(recs, out)
+    elif args.kind == "photon-curve":
+        figure_photon_curve(recs, out)
     else:
         figure_images(recs, out)
     logger.info("figures written to %s", out)

@@ -116,19 +116,24 @@ def planned_bytes(cfg: dict) -> dict[str, int]:
 
 def disk_plan_table(cfg: dict) -> str:
     """A Markdown table of the bytes per dataset and the total over the config's proteins."""
-    from xrai.config import protein_entries
+    from xrai.config import protein_config, protein_entries
 
     proteins = list(protein_entries(cfg))
-    plan = planned_bytes(cfg)
+    plans = {p: planned_bytes(protein_config(cfg, p)) for p in proteins}
     n = cfg["detector"]["n_pixels"]
     sim = cfg["simulation"]
     storage = sim.get("storage", "dense")
     kind = sim.get("dtype", "float32") if storage == "dense" else f"{storage} storage; dense bound unless mean_photons"
     lines = [f"| dataset ({n}x{n} px, {kind}) | bytes | size |", "|---|---:|---:|"]
-    lines += [f"| {name}.h5 | {b} | {human_bytes(b)} |" for name, b in plan.items()]
-    total = sum(plan.values())
-    lines.append(f"| per protein | {total} | {human_bytes(total)} |")
-    lines.append(f"| all {len(proteins)} proteins ({', '.join(proteins)}) | {total * len(proteins)} | {human_bytes(total * len(proteins))} |")
+    plan = plans[proteins[0]]
+    if all(p == plan for p in plans.values()):
+        lines += [f"| {name}.h5 | {b} | {human_bytes(b)} |" for name, b in plan.items()]
+        total = sum(plan.values())
+        lines.append(f"| per protein | {total} | {human_bytes(total)} |")
+    else:  # per-protein photon statistics (e.g. sparse storage for some): every protein's datasets
+        lines += [f"| {p}/{name}.h5 | {b} | {human_bytes(b)} |" for p, pl in plans.items() for name, b in pl.items()]
+    grand = sum(sum(pl.values()) for pl in plans.values())
+    lines.append(f"| all {len(proteins)} proteins ({', '.join(proteins)}) | {grand} | {human_bytes(grand)} |")
     return "\n".join(lines)
 
 
@@ -323,6 +328,8 @@ def _shard_done(path: Path, key: str) -> bool:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``xrai simulate`` (``--config`` is added by xrai.cli)."""
     parser.add_argument("--structure", metavar="CIF", help="atoms to simulate (mmCIF/PDB from xrai fetch)")
+    parser.add_argument("--protein", metavar="NAME",
+                        help="the config's protein whose 'simulation' overrides apply (e.g. its photon count)")
     parser.add_argument("--split", choices=["train", "test"], help="train uses simulation.seed, test simulation.test_seed")
     parser.add_argument("--n-images", type=int, metavar="N", help="number of images")
     parser.add_argument("--out", metavar="H5", help="output HDF5 dataset")
@@ -331,7 +338,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """``xrai simulate``: one dataset, or ``--plan``."""
-    from xrai.config import load_config
+    from xrai.config import load_config, protein_config
 
     cfg = load_config(args.config)
     if args.plan:
@@ -341,6 +348,7 @@ def run(args: argparse.Namespace) -> None:
                                   ("--n-images", args.n_images), ("--out", args.out)) if v is None]
     if missing:
         raise XraiError(f"missing option(s) {', '.join(missing)} (or use --plan)")
+    cfg = protein_config(cfg, args.protein)
     summary = simulate_dataset(cfg, args.structure, args.split, args.n_images, args.out)
     logger.info("summary: %s", json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()}))
 
