@@ -162,6 +162,8 @@ def test_a_proteins_simulation_overrides_change_its_datasets_only(repo_root):
 
     assert simulate_hash(cfg, "2CEX_A") == simulate_hash(base, "2CEX_A")
     assert simulate_hash(cfg, "2CEX_A_200") != simulate_hash(cfg, "2CEX_A")
+    # its structure is 2CEX_A's: the overrides are not part of the protein's spec that fetch_pdb hashes
+    assert step_config(cfg, protein="2CEX_A_200")["protein"] == step_config(cfg, protein="2CEX_A")["protein"]
 
     bad = load_config(repo_root / "config" / "test.yaml")
     bad["proteins"] = ["2CEX_A", {"name": "x", "pdb": "2CEX", "simulation": {"storage": "sparse"}}]

@@ -119,6 +119,15 @@ def test_a_proteins_train_override_reruns_only_its_training(finished):
     assert _rerun_after(finished, edit) == _chain("xrai", "known-pose")
 
 
+def test_a_proteins_photon_statistics_rerun_its_datasets_not_its_structure(finished):
+    def edit(cfg):
+        cfg["proteins"] = [{"name": "2CEX_A", "pdb": "2CEX", "chains": ["A"],
+                            "simulation": {"min_total_intensity": 2000}}]
+
+    # as simulation.min_total_intensity for this protein, and the photon-curve figure appears
+    assert _rerun_after(finished, edit) == {"simulate", "photon_curve"} | _chain(*METHODS)
+
+
 def test_one_methods_override_reruns_only_that_method(finished):
     def edit(cfg):
         next(m for m in cfg["train"]["methods"] if m["name"] == "known-pose")["lr"] = 1e-3

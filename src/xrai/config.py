@@ -403,14 +403,15 @@ def step_config(cfg: dict, *, method: str | None = None, protein: str | None = N
                 split: str | None = None) -> dict:
     """The config as one job of a step sees it: ``protein``'s train overrides applied
     (:func:`protein_config`), then ``method``'s (and the other methods' entries dropped),
-    ``protein`` = its spec less those train overrides (they change its reconstructions only),
+    ``protein`` = its spec less its train and simulation overrides (they change its reconstructions
+    and datasets only, through those sections; not its structure),
     ``split_seed`` = the split's seed."""
     view = protein_config(cfg, protein)
     view = method_config(view, method) if method is not None else dict(view)
     if method is not None:
         view["train"] = {k: v for k, v in view["train"].items() if k != "methods"}
     if protein is not None:
-        view["protein"] = {k: v for k, v in protein_entries(cfg)[protein].items() if k != "train"}
+        view["protein"] = {k: v for k, v in protein_entries(cfg)[protein].items() if k not in ("train", "simulation")}
     if split is not None:
         view["split_seed"] = split_seed(cfg, split)
     return view
