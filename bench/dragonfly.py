@@ -211,17 +211,6 @@ def dragonfly_rotations(quats: np.ndarray, index: np.ndarray, transpose: bool = 
     return R.transpose(-1, -2) if transpose else R
 
 
-def write_poses(path: Path, R) -> None:
-    import h5py
-
-    n = R.shape[0]
-    with h5py.File(path, "w") as f:
-        f.create_dataset("rotations", data=R.float().numpy())
-        f.create_dataset("branch", data=np.zeros(n, dtype=np.int8))
-        f.create_dataset("index", data=np.arange(n, dtype=np.int64))
-        f.attrs["source"] = "dragonfly"
-
-
 def crop(intens: np.ndarray, size: int, xrai_size: int) -> np.ndarray:
     """Dragonfly's ``(S, S, S)`` volume (origin ``S // 2``) on xrai's grid (origin ``xrai_size // 2``)."""
     lo = size // 2 - xrai_size // 2
@@ -250,6 +239,7 @@ def run_level(args: argparse.Namespace, bin_dir: Path, level: str, n_train: int,
 
     from xrai.evaluation.evaluate import pose_error_summary, true_rotations
     from xrai.evaluation.metrics import pose_errors_deg
+    from xrai.recon.emc import write_rotations
     from xrai.volume import read_volume_h5, write_volume_h5
 
     data = args.data_root / f"photons_{level}" / str(n_train) / "data" / args.protein
@@ -306,8 +296,8 @@ def run_level(args: argparse.Namespace, bin_dir: Path, level: str, n_train: int,
             rmax_train, intens = f["orientations"][...], f["intens"][0]
         with h5py.File(out / "test" / "output_001.h5", "r") as f:
             rmax_test = f["orientations"][...]
-        write_poses(out / "poses_train.h5", dragonfly_rotations(quats, rmax_train))
-        write_poses(out / "poses_test.h5", dragonfly_rotations(quats, rmax_test))
+        write_rotations(out / "poses_train.h5", dragonfly_rotations(quats, rmax_train), {}, source="dragonfly")
+        write_rotations(out / "poses_test.h5", dragonfly_rotations(quats, rmax_test), {}, source="dragonfly")
         vol = torch.from_numpy(crop(intens, size, grid.size).copy())
         write_volume_h5(str(out / "intensity.h5"), grid, {"method": "dragonfly", "num_div": args.num_div,
                                                           "iterations": args.iterations},

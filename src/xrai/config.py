@@ -149,9 +149,7 @@ def _check_consistency(cfg: dict) -> None:
             raise ConfigKeyError(f"config key 'proteins[{i}].simulation' ({name}): per-protein simulation settings are "
                                  "X-ray photon statistics; a cryo-EM protein takes 'cryoem' overrides",
                                  ("proteins", i, "simulation"))
-        merged = copy.deepcopy(sim)
-        _override(merged, spec["simulation"])
-        _check_simulation(merged, ("proteins", i, "simulation"))
+        _check_simulation(protein_config(cfg, name)["simulation"], ("proteins", i, "simulation"))
     tr = cfg["train"]
     if tr["eval_images"] > sim["test_size"]:
         raise ConfigKeyError(
@@ -313,6 +311,10 @@ def _override(section: dict, overrides: dict) -> None:
         section[key] = {**(section.get(key) or {}), **value} if isinstance(value, dict) else value
 
 
+#: a protein entry's keys that override a top-level section for its steps (:func:`protein_config`), not its spec
+PROTEIN_SECTION_OVERRIDES = ("train", "simulation")
+
+
 def protein_config(cfg: dict, protein: str | None) -> dict:
     """A copy of ``cfg`` whose ``train`` and ``simulation`` sections carry ``protein``'s overrides of them (the
     config as is for ``None`` or a protein without them).
@@ -327,14 +329,12 @@ def protein_config(cfg: dict, protein: str | None) -> dict:
     entries = protein_entries(cfg)
     if protein not in entries:
         raise XraiError(f"protein '{protein}' is not in the config's proteins (expected one of {sorted(entries)})")
-    entry = entries[protein]
-    if not entry.get("train") and not entry.get("simulation"):
+    overrides = {k: entries[protein][k] for k in PROTEIN_SECTION_OVERRIDES if entries[protein].get(k)}
+    if not overrides:
         return cfg
     out = copy.deepcopy(cfg)
-    if entry.get("train"):
-        _override(out.setdefault("train", {}), entry["train"])
-    if entry.get("simulation"):
-        _override(out["simulation"], entry["simulation"])
+    for section, values in overrides.items():
+        _override(out.setdefault(section, {}), values)
     return out
 
 
@@ -411,7 +411,7 @@ def step_config(cfg: dict, *, method: str | None = None, protein: str | None = N
     if method is not None:
         view["train"] = {k: v for k, v in view["train"].items() if k != "methods"}
     if protein is not None:
-        view["protein"] = {k: v for k, v in protein_entries(cfg)[protein].items() if k not in ("train", "simulation")}
+        view["protein"] = {k: v for k, v in protein_entries(cfg)[protein].items() if k not in PROTEIN_SECTION_OVERRIDES}
     if split is not None:
         view["split_seed"] = split_seed(cfg, split)
     return view

@@ -667,8 +667,9 @@ def friedel_symmetrize(volume: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- the run: outputs as xrai train
 
 
-def _write_poses(path: Path, rotations: torch.Tensor, attrs: dict) -> None:
-    """``poses_*.h5`` like :func:`xrai.recon.train.write_poses`: ``rotations`` (N, 3, 3), ``branch`` zeros, ``index``."""
+def write_rotations(path: Path, rotations: torch.Tensor, attrs: dict, source: str = "emc") -> None:
+    """``poses_*.h5`` like :func:`xrai.recon.train.write_poses` for the rotations of every image in order:
+    ``rotations`` (N, 3, 3), ``branch`` zeros, ``index`` 0..N-1, ``source`` the method that found them."""
     import h5py
     import numpy as np
 
@@ -680,7 +681,7 @@ def _write_poses(path: Path, rotations: torch.Tensor, attrs: dict) -> None:
         f.create_dataset("branch", data=np.zeros(n, dtype=np.int8))
         f.create_dataset("index", data=np.arange(n, dtype=np.int64))
         f.attrs.update({k: str(v) if isinstance(v, Path) else v for k, v in attrs.items()})
-        f.attrs["source"] = "emc"
+        f.attrs["source"] = source
 
 
 def _write_metrics_csv(path: Path, rows: list[dict]) -> None:
@@ -854,10 +855,10 @@ def run_emc(
                                       "train_data": info["train_data"], "test_data": str(Path(test_data).resolve()),
                                       "wall_s": wall, "settings": asdict(settings)}
     attrs = {"method": "emc", "run": int(run), "step": iteration, "seed": seed}
-    _write_poses(out / "poses_test.h5", R_test, attrs | {"dataset": str(Path(test_data).resolve()),
+    write_rotations(out / "poses_test.h5", R_test, attrs | {"dataset": str(Path(test_data).resolve()),
                                                          "so3_level": final_level})
     R_train = quaternion_to_matrix(so3_grid(best_level)[best])
-    _write_poses(out / "poses_train.h5", R_train, attrs | {"dataset": info["train_data"], "so3_level": best_level})
+    write_rotations(out / "poses_train.h5", R_train, attrs | {"dataset": info["train_data"], "so3_level": best_level})
     _write_volume(out, emc.volume, grid, prov)
     _write_metrics_csv(out / "metrics.csv", rows)
     write_run_metadata(out, cfg, seed)
