@@ -323,6 +323,36 @@ def test_default_learns_poses_from_poisson_counts(poisson_data, tmp_path):
     assert summary["median_deg"] < CI_MEDIAN_DEG, summary
 
 
+def test_steps_score_enough_pixels_to_see_scored_photons(poisson_data):
+    """``scored_photons`` (Poisson): a step scores at least ``pixels`` pixels, more where a pattern is so sparse that
+    they would hold fewer than ``scored_photons`` signal photons, and at most every usable pixel."""
+    from xrai.data.hdf5 import DiffractionDataset
+    from xrai.recon.abinitio import POISSON_OVERRIDES, XraiRecipe
+    from xrai.recon.likelihood import signal_photons_per_pattern
+
+    ds = DiffractionDataset(poisson_data["train"])
+    photons = signal_photons_per_pattern(ds)
+    usable = int(ds.mask.sum())
+
+    def pixels(**poisson) -> int:
+        cfg = copy.deepcopy(poisson_data["cfg"])
+        cfg["train"]["xrai"] = dict(cfg["train"].get("xrai") or {}, poisson=dict(POISSON_OVERRIDES, **poisson))
+        recipe = XraiRecipe(cfg)
+        recipe.configure(ds)
+        return recipe.settings.pixels
+
+    assert 2000 < photons < 4000  # ~3,000 photons per pattern on 1,024 pixels
+    assert pixels() == 256  # 500 photons are on ~170 pixels: the floor of 256 stays
+    assert pixels(scored_photons=photons) == usable  # the whole pattern
+    assert pixels(scored_photons=photons / 2) == math.ceil(usable / 2)
+    assert pixels(scored_photons=0) == 256  # off
+    gaussian = copy.deepcopy(poisson_data["cfg"])
+    gaussian["train"]["likelihood"] = "gaussian"
+    recipe = XraiRecipe(gaussian)
+    recipe.configure(ds)
+    assert recipe.settings.pixels == 256
+
+
 # --------------------------------------------------------------------------- polish passes
 
 

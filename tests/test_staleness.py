@@ -47,21 +47,27 @@ def _job(path: str, rule: str) -> str:
     return rule
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A work directory whose every output is up to date for config/test.yaml (+ the emc baseline)."""
-    workdir = tmp_path_factory.mktemp("finished")
-    base = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
-    base["train"]["methods"].append({"name": "emc", "runs": 1})
+def _finished_workdir(workdir: Path, base: dict, rules: set[str]) -> tuple[Path, dict]:
+    """``workdir`` with every output of config ``base`` made (empty) and recorded as up to date; ``rules`` must be
+    among the jobs."""
     (workdir / "config.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
     outputs = _summary(workdir)
-    assert {rule for rule, _ in outputs.values()} >= {"fetch_pdb", "simulate", "train", "emc", "table"}
+    assert {rule for rule, _ in outputs.values()} >= rules
     for f in outputs:
         (workdir / f).parent.mkdir(parents=True, exist_ok=True)
         (workdir / f).touch()
     _snakemake(workdir, "--touch", "--forceall", "--cores", "1", "--quiet")
     assert all(plan == "no update" for _, plan in _summary(workdir).values())
     return workdir, base
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A work directory whose every output is up to date for config/test.yaml (+ the emc baseline)."""
+    base = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
+    base["train"]["methods"].append({"name": "emc", "runs": 1})
+    return _finished_workdir(tmp_path_factory.mktemp("finished"), base,
+                             {"fetch_pdb", "simulate", "train", "emc", "table"})
 
 
 def _rerun_after(finished, edit) -> set[str]:
@@ -154,3 +160,27 @@ def test_evaluation_edit_reruns_evaluation_and_report(finished):
         cfg["evaluation"]["fsc_cutoff"] = 0.143
 
     assert _rerun_after(finished, edit) == {f"evaluate/{m}" for m in METHODS} | REPORT
+
+
+@pytest.fixture(scope="module")
+def finished_cryoem(tmp_path_factory):
+    """A work directory whose every output is up to date for config/cryoem-test.yaml (with the default)."""
+    base = yaml.safe_load((REPO / "config" / "cryoem-test.yaml").read_text())
+    base.setdefault("train", {})["methods"] = [{"name": "xrai"}]
+    return _finished_workdir(tmp_path_factory.mktemp("finished_cryoem"), base,
+                             {"fetch_pdb", "simulate_cryoem", "potential", "train_cryoem"})
+
+
+def test_a_cryoem_proteins_imaging_override_reruns_its_particles_not_its_structure_or_potential(finished_cryoem):
+    def edit(cfg):
+        cfg["proteins"] = [{"name": "4AKE", "pdb": "4AKE", "cryoem": {"snr_db": -5}}]
+
+    # the noise changes the particle sets and all after them; the atoms and their potential stay
+    rerun = _rerun_after(finished_cryoem, edit)
+    assert "fetch_pdb" not in rerun and "potential" not in rerun
+    assert {"simulate_cryoem", "train_cryoem/xrai", "evaluate_cryoem/xrai"} <= rerun
+
+    def blur(cfg):
+        cfg["cryoem"]["bfactor"] = 80
+
+    assert {"potential", "simulate_cryoem"} <= _rerun_after(finished_cryoem, blur)

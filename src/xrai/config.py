@@ -292,10 +292,7 @@ def cryoem_config(cfg: dict, protein: str | None = None) -> dict:
     """
     if modality(cfg) != "cryoem" or "cryoem" not in cfg:
         raise XraiError("config key 'modality' must be 'cryoem' (with a 'cryoem' section) for this step")
-    out = copy.deepcopy(cfg["cryoem"])
-    entry = protein_entries(cfg).get(protein, {}) if protein else {}
-    _override(out, entry.get("cryoem", {}))
-    return out
+    return copy.deepcopy(protein_config(cfg, protein)["cryoem"])
 
 
 def has_photon_curve(cfg: dict) -> bool:
@@ -312,7 +309,7 @@ def _override(section: dict, overrides: dict) -> None:
 
 
 #: a protein entry's keys that override a top-level section for its steps (:func:`protein_config`), not its spec
-PROTEIN_SECTION_OVERRIDES = ("train", "simulation")
+PROTEIN_SECTION_OVERRIDES = ("train", "simulation", "cryoem")
 
 
 def protein_config(cfg: dict, protein: str | None) -> dict:

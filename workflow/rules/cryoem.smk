@@ -29,7 +29,8 @@ rule potential:
     output:
         mrc=f"{RES}/reference/{{protein}}/potential.mrc",
     params:
-        config=config_keys("cryoem", "protein"),
+        # what the potential reads: not the imaging (CTF, noise, shifts) that only the particle sets see
+        config=config_keys("cryoem.box_size", "cryoem.pixel_size_A", "cryoem.bfactor", "protein"),
     log:
         f"{RES}/logs/potential/{{protein}}.log",
     benchmark:

@@ -49,7 +49,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -60,6 +60,7 @@ from xrai.recon.likelihood import (
     estimate_fluence,
     fitted_poisson_nll,
     nonzero_counts,
+    signal_photons_per_pattern,
     sparse_fitted_poisson_nll,
 )
 from xrai.recon.losses import SymmetrizedLoss
@@ -86,7 +87,8 @@ MIN_WEIGHT = 1e-2
 
 # --------------------------------------------------------------------------- settings
 
-#: ``train.xrai.poisson``'s defaults: at a few thousand photons per pattern an image's pose is
+#: ``train.xrai.poisson``'s defaults: each step scores enough pixels to hold 500 photons of a mean pattern
+#: (at 200 photons per pattern the default quarter of the pixels holds ~50, and the steps stay near chance); at a few thousand photons per pattern an image's pose is
 #: uncertain by ~1.5 degrees even against the true volume, and the encoder's guess is often
 #: further off, so inference scores every pixel, starts the pattern search at 8 degrees and adds
 #: the 15-degree grid to the encoder's candidates; the running-average volume of the steps is
@@ -94,7 +96,7 @@ MIN_WEIGHT = 1e-2
 #: whole training set, each merge sharpened against the blur of the hard assignments' pose errors
 #: (less after the last, whose errors are smallest), and the final poses are local posterior means
 #: (docs/method.md, "Photon counts", "Sharpening the polish merges" and "Posterior-mean poses": measured)
-POISSON_OVERRIDES = {"infer_pixels": 4096, "infer_refine_deg": [8.0, 4.0, 2.0, 1.0, 0.5, 0.25],
+POISSON_OVERRIDES = {"scored_photons": 500.0, "infer_pixels": 4096, "infer_refine_deg": [8.0, 4.0, 2.0, 1.0, 0.5, 0.25],
                      "infer_search_level": 2, "polish_passes": 4, "polish_sharpen": [1.0, 1.0, 1.0, 0.5],
                      "infer_posterior_mean_deg": 4.0, "infer_posterior_mean_temperature": 2.0}
 
@@ -116,6 +118,7 @@ class XraiSettings:
     search_steps: int = 750
     curriculum: tuple[tuple[int, float], ...] = ((0, 1.0),)
     pixels: int = 256
+    scored_photons: float = 0.0
     refine_deg: tuple[float, ...] = (8.0, 4.0, 2.0, 1.0, 0.5)
     infer_refine_deg: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5, 0.25)
     infer_pixels: int = 512
@@ -146,6 +149,7 @@ class XraiSettings:
             search_steps=int(x.get("search_steps", d.search_steps)),
             curriculum=tuple((int(s), float(f)) for s, f in x.get("curriculum", d.curriculum)),
             pixels=int(x.get("pixels", d.pixels)),
+            scored_photons=float(x.get("scored_photons", d.scored_photons)),
             refine_deg=tuple(float(v) for v in x.get("refine_deg", d.refine_deg)),
             infer_refine_deg=tuple(float(v) for v in x.get("infer_refine_deg", d.infer_refine_deg)),
             infer_pixels=int(x.get("infer_pixels", d.infer_pixels)),
@@ -606,9 +610,20 @@ class XraiRecipe(Recipe):
         self._slices: tuple | None = None
 
     def configure(self, dataset: Any) -> None:
-        """The base's likelihood, mask and background; then the settings for that likelihood."""
+        """The base's likelihood, mask and background; then the settings for that likelihood, with ``pixels``
+        raised (Poisson, ``scored_photons`` > 0) until the scored pixels hold ``scored_photons`` signal photons
+        of a mean pattern (all usable pixels at most)."""
         super().configure(dataset)
-        self.settings = XraiSettings.from_config(self.cfg, self.likelihood)
+        s = XraiSettings.from_config(self.cfg, self.likelihood)
+        if self.poisson and s.scored_photons > 0:
+            usable = int(self.mask.sum())
+            photons = max(signal_photons_per_pattern(dataset), 1.0)
+            pixels = min(usable, max(s.pixels, math.ceil(usable * s.scored_photons / photons)))
+            if pixels != s.pixels:
+                logger.info("xrai: %.0f signal photons per pattern: each step scores %d pixels (not %d) to see %.0f",
+                            photons, pixels, s.pixels, s.scored_photons)
+                s = replace(s, pixels=pixels)
+        self.settings = s
         self._grid_R = None
 
     @property

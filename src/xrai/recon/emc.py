@@ -93,7 +93,7 @@ from typing import Any
 import torch
 
 from xrai.errors import XraiError
-from xrai.recon.likelihood import LIKELIHOODS, resolve_likelihood
+from xrai.recon.likelihood import LIKELIHOODS, resolve_likelihood, signal_photons_per_pattern
 from xrai.rotations import quaternion_to_matrix
 from xrai.so3grid import grid_size, so3_grid, so3_grid_weights
 from xrai.volume import ReciprocalGrid, trilinear
@@ -206,7 +206,7 @@ class EMCSettings:
             return self
         start = AUTO_BETA_START_GAUSSIAN
         if likelihood == "poisson":
-            start = min(self.beta_max, AUTO_BETA_START_PHOTONS / max(signal_photons_per_pattern(dataset), 1.0))
+            start = min(self.beta_max, AUTO_BETA_START_PHOTONS / max(signal_photons_per_pattern(dataset, _PHOTON_SAMPLE_IMAGES), 1.0))
         return replace(self, beta_start=start)
 
     def beta_at(self, iteration: int) -> float:
@@ -217,11 +217,6 @@ class EMCSettings:
         """True once the finest level and the final beta are reached (convergence may then stop the run)."""
         return (iteration >= sum(self.level_iterations)
                 and self.beta_at(iteration) >= self.beta_max * (1 - 1e-12))
-
-
-def signal_photons_per_pattern(dataset: Any, n: int = _PHOTON_SAMPLE_IMAGES) -> float:
-    """Mean photons per pattern over the usable pixels of the first ``n`` images, less the expected background."""
-    return dataset.mean_photons_per_pattern(n) - float(dataset.background.double()[dataset.mask].sum())
 
 
 # --------------------------------------------------------------------------- the algorithm

@@ -142,3 +142,11 @@ def sparse_fitted_poisson_nll(counts_nz: torch.Tensor, mu_nz: torch.Tensor, mu_s
         phi = (counts_nz * signal / (signal + background_nz).clamp_min(_FLOOR)).sum(-1) / mu_sum
     lam = (phi[..., None] * mu_nz + background_nz).clamp_min(_FLOOR)
     return (phi * mu_sum + background_sum - (counts_nz * torch.log(lam)).sum(-1)) / n_pixels
+
+
+def signal_photons_per_pattern(dataset: Any, n: int = 256) -> float:
+    """Mean photons per pattern over the usable pixels of the first ``n`` images of ``dataset`` (a
+    :class:`~xrai.data.hdf5.DiffractionDataset`), less the expected background (none if it has no ``background``)."""
+    photons = dataset.mean_photons_per_pattern(n)
+    background = getattr(dataset, "background", None)
+    return photons if background is None else photons - float(background.double()[dataset.mask].sum())
