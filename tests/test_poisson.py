@@ -342,7 +342,7 @@ def test_steps_score_enough_pixels_to_see_scored_photons(poisson_data):
         return recipe.settings.pixels
 
     assert 2000 < photons < 4000  # ~3,000 photons per pattern on 1,024 pixels
-    assert pixels() == 256  # 500 photons are on ~170 pixels: the floor of 256 stays
+    assert pixels() == 256  # 400 photons are on ~140 pixels: the floor of 256 stays
     assert pixels(scored_photons=photons) == usable  # the whole pattern
     assert pixels(scored_photons=photons / 2) == math.ceil(usable / 2)
     assert pixels(scored_photons=0) == 256  # off

@@ -87,8 +87,10 @@ MIN_WEIGHT = 1e-2
 
 # --------------------------------------------------------------------------- settings
 
-#: ``train.xrai.poisson``'s defaults: each step scores enough pixels to hold 500 photons of a mean pattern
-#: (at 200 photons per pattern the default quarter of the pixels holds ~50, and the steps stay near chance); at a few thousand photons per pattern an image's pose is
+#: ``train.xrai.poisson``'s defaults: each step scores enough pixels to hold 400 photons of a mean pattern
+#: (a quarter of the pixels, ~500 photons of a 2,000-photon pattern, works; ~50 of a 200-photon one does not:
+#: the steps stay near chance; 400 keeps 2,000-photon sets at 256 pixels with a margin for the estimate of
+#: the mean); at a few thousand photons per pattern an image's pose is
 #: uncertain by ~1.5 degrees even against the true volume, and the encoder's guess is often
 #: further off, so inference scores every pixel, starts the pattern search at 8 degrees and adds
 #: the 15-degree grid to the encoder's candidates; the running-average volume of the steps is
@@ -96,7 +98,7 @@ MIN_WEIGHT = 1e-2
 #: whole training set, each merge sharpened against the blur of the hard assignments' pose errors
 #: (less after the last, whose errors are smallest), and the final poses are local posterior means
 #: (docs/method.md, "Photon counts", "Sharpening the polish merges" and "Posterior-mean poses": measured)
-POISSON_OVERRIDES = {"scored_photons": 500.0, "infer_pixels": 4096, "infer_refine_deg": [8.0, 4.0, 2.0, 1.0, 0.5, 0.25],
+POISSON_OVERRIDES = {"scored_photons": 400.0, "infer_pixels": 4096, "infer_refine_deg": [8.0, 4.0, 2.0, 1.0, 0.5, 0.25],
                      "infer_search_level": 2, "polish_passes": 4, "polish_sharpen": [1.0, 1.0, 1.0, 0.5],
                      "infer_posterior_mean_deg": 4.0, "infer_posterior_mean_temperature": 2.0}
 
