@@ -26,7 +26,8 @@ are converted to Dragonfly's inputs in ``--work``/photons_<level>/<n>/dragonfly-
 * ``train<k>.ini``: ``[emc]`` of stage k with ``need_scaling`` (``--need-scaling``, default 0: one
   fluence factor for all frames), ``beta = auto`` (Dragonfly's empirical start from the photons per
   frame, ``exp(-6.5 (K 1e-5)^0.15)``: 0.027 at 2,000 photons) and ``beta_schedule`` (default ``1.4 3``:
-  x1.4 every 3 iterations, xrai's EMC's schedule).
+  x1.4 every 3 iterations, xrai's EMC's schedule) and ``fixed_seed = 1`` (Dragonfly's random start
+  from a fixed seed, not the clock: a rerun repeats the run).
 
 Why ``need_scaling = 0``: with 1 (a factor per frame, set in Dragonfly's M-step and held fixed in its
 E-step; xrai's EMC instead fits the factor of every (image, orientation) pair) the random start
@@ -175,7 +176,8 @@ def write_config(path: Path, photons: str, quat: str, size: int, folder: str, be
     """Dragonfly's ``[emc]`` section; ``start_model_file`` / ``scale_file``: an earlier ``output_NNN.h5``."""
     lines = ["[emc]", f"in_photons_file = {photons}", "in_detector_file = det.dat", f"in_quat_file = {quat}",
              f"size = {size}", f"output_folder = {folder}", f"log_file = {folder}/EMC.log",
-             f"need_scaling = {need_scaling}", f"beta = {beta}", f"beta_schedule = {beta_schedule}", f"beta_factor = {beta_factor:.8g}"]
+             f"need_scaling = {need_scaling}", f"beta = {beta}", f"beta_schedule = {beta_schedule}",
+             f"beta_factor = {beta_factor:.8g}", "fixed_seed = 1"]
     if start_model is not None:
         lines.append(f"start_model_file = {start_model}")
     if scale_file is not None and need_scaling:

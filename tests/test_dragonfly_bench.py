@@ -77,3 +77,22 @@ def test_crop_inverts_pad() -> None:
         big = df.pad(v, size)
         np.testing.assert_array_equal(df.crop(big, size, 8), v)
         assert big[size // 2, size // 2, size // 2] == v[4, 4, 4]  # the origins coincide
+
+
+def test_stage_config_repeats_its_random_start_and_scales_only_when_asked(tmp_path: Path) -> None:
+    """Each stage's ``[emc]`` section starts from Dragonfly's fixed seed (repeatable runs); a scale file is passed on
+    only with ``need_scaling``, and a start model whenever one is given."""
+    df = _load()
+
+    def lines(**kw) -> dict[str, str]:
+        df.write_config(tmp_path / "c.ini", "p.emc", "q.dat", 49, "out", "1.4 3", **kw)
+        rows = (tmp_path / "c.ini").read_text().splitlines()
+        assert rows[0] == "[emc]"
+        return dict(r.split(" = ", 1) for r in rows[1:])
+
+    first = lines(need_scaling=0)
+    assert first["fixed_seed"] == "1" and first["need_scaling"] == "0"
+    assert "start_model_file" not in first and "scale_file" not in first
+    later = lines(need_scaling=0, start_model=Path("o.h5"), scale_file=Path("o.h5"))
+    assert later["start_model_file"] == "o.h5" and "scale_file" not in later
+    assert lines(need_scaling=1, start_model=Path("o.h5"), scale_file=Path("o.h5"))["scale_file"] == "o.h5"
