@@ -170,6 +170,26 @@ def test_disk_plan_of_the_paper_config(repo_root, capsys):
     assert "| train_5000000.h5 |" in out and "all 2 proteins" in out
 
 
+def test_disk_plan_names_each_proteins_storage(test_config):
+    """With one protein stored sparse and one dense, the plan lists each protein's datasets with its own storage
+    (the header names none), and sparse ones are planned no larger than dense ones."""
+    from xrai.xray.simulate import disk_plan_table
+
+    cfg = copy.deepcopy(test_config)
+    cfg["proteins"] = ["2CEX_A", {"name": "2CEX_A_50", "pdb": "2CEX", "chains": ["A"],
+                                  "simulation": {"min_total_intensity": 50, "poisson_noise": True, "storage": "sparse"}}]
+    table = disk_plan_table(cfg)
+    rows = {r.split("|")[1].strip(): int(r.split("|")[2]) for r in table.splitlines()[2:]}
+    dense = {k: v for k, v in rows.items() if k.startswith("2CEX_A/")}
+    sparse = {k: v for k, v in rows.items() if k.startswith("2CEX_A_50/")}
+    assert dense and all(k.endswith("(float32)") for k in dense)
+    assert sparse and all("(sparse storage" in k for k in sparse)
+    assert "sparse" not in table.splitlines()[0] and "float32" not in table.splitlines()[0]
+    assert sum(sparse.values()) <= sum(dense.values())
+    same = copy.deepcopy(test_config)
+    assert "float32" in disk_plan_table(same).splitlines()[0]
+
+
 def test_a_proteins_photon_statistics_apply_to_its_datasets(tmp_path, test_config, chain_a_cif):
     """``proteins[i].simulation`` (``xrai simulate --protein``): that protein's datasets have its photon
     count and noise; another protein's, and the config's without --protein, keep the config's."""

@@ -118,20 +118,24 @@ def disk_plan_table(cfg: dict) -> str:
     """A Markdown table of the bytes per dataset and the total over the config's proteins."""
     from xrai.config import protein_config, protein_entries
 
+    def kind(section: dict) -> str:
+        storage = section.get("storage", "dense")
+        return section.get("dtype", "float32") if storage == "dense" else f"{storage} storage; dense bound unless mean_photons"
+
     proteins = list(protein_entries(cfg))
+    sections = {p: protein_config(cfg, p)["simulation"] for p in proteins}
     plans = {p: planned_bytes(protein_config(cfg, p)) for p in proteins}
     n = cfg["detector"]["n_pixels"]
-    sim = cfg["simulation"]
-    storage = sim.get("storage", "dense")
-    kind = sim.get("dtype", "float32") if storage == "dense" else f"{storage} storage; dense bound unless mean_photons"
-    lines = [f"| dataset ({n}x{n} px, {kind}) | bytes | size |", "|---|---:|---:|"]
     plan = plans[proteins[0]]
-    if all(p == plan for p in plans.values()):
+    if all(p == plan for p in plans.values()) and len({kind(s) for s in sections.values()}) == 1:
+        lines = [f"| dataset ({n}x{n} px, {kind(sections[proteins[0]])}) | bytes | size |", "|---|---:|---:|"]
         lines += [f"| {name}.h5 | {b} | {human_bytes(b)} |" for name, b in plan.items()]
         total = sum(plan.values())
         lines.append(f"| per protein | {total} | {human_bytes(total)} |")
-    else:  # per-protein photon statistics (e.g. sparse storage for some): every protein's datasets
-        lines += [f"| {p}/{name}.h5 | {b} | {human_bytes(b)} |" for p, pl in plans.items() for name, b in pl.items()]
+    else:  # per-protein photon statistics (e.g. sparse storage for some): every protein's datasets, each its storage
+        lines = [f"| dataset ({n}x{n} px) | bytes | size |", "|---|---:|---:|"]
+        lines += [f"| {p}/{name}.h5 ({kind(sections[p])}) | {b} | {human_bytes(b)} |"
+                  for p, pl in plans.items() for name, b in pl.items()]
     grand = sum(sum(pl.values()) for pl in plans.values())
     lines.append(f"| all {len(proteins)} proteins ({', '.join(proteins)}) | {grand} | {human_bytes(grand)} |")
     return "\n".join(lines)
