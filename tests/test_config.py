@@ -139,6 +139,23 @@ def test_a_proteins_train_overrides_apply_to_its_reconstructions_only(repo_root)
         protein_config(cfg, "2CEX_C")
 
 
+def test_overrides_merge_at_every_depth(repo_root):
+    """A protein's override two levels down keeps the section's other keys there, and the config's own nested
+    dicts are not changed through the merged copy."""
+    from xrai.config import protein_config
+
+    cfg = load_config(repo_root / "config" / "test.yaml")
+    cfg["train"]["xrai"]["poisson"] = {"polish_passes": 4, "infer_pixels": 4096}
+    cfg["proteins"] = [{"name": "2CEX_A", "pdb": "2cex", "chains": ["A"],
+                        "train": {"xrai": {"poisson": {"polish_passes": 2}}}}]
+    cfg = validate_config(cfg)
+    own = protein_config(cfg, "2CEX_A")["train"]["xrai"]["poisson"]
+    assert own == {"polish_passes": 2, "infer_pixels": 4096}
+    assert cfg["train"]["xrai"]["poisson"] == {"polish_passes": 4, "infer_pixels": 4096}
+    own["polish_passes"] = 9
+    assert cfg["train"]["xrai"]["poisson"]["polish_passes"] == 4
+
+
 def test_a_proteins_simulation_overrides_change_its_datasets_only(repo_root):
     """``proteins[i].simulation`` merges into the simulation section for that protein's steps: its
     datasets' config hash changes, the others' stays what it was; the cross-key rules hold for it

@@ -303,9 +303,21 @@ def has_photon_curve(cfg: dict) -> bool:
 
 def _override(section: dict, overrides: dict) -> None:
     """Apply ``overrides`` to ``section`` in place: a dict value is merged into the section's dict of that key
-    (one level deep), anything else replaces it."""
+    (at every depth: ``{xrai: {poisson: {polish_passes: 2}}}`` keeps the section's other ``poisson`` keys),
+    anything else replaces it.
+
+    >>> s = {"xrai": {"heads": 8, "poisson": {"polish_passes": 4, "infer_pixels": 4096}}}
+    >>> _override(s, {"xrai": {"poisson": {"polish_passes": 2}}})
+    >>> s["xrai"]
+    {'heads': 8, 'poisson': {'polish_passes': 2, 'infer_pixels': 4096}}
+    """
     for key, value in overrides.items():
-        section[key] = {**(section.get(key) or {}), **value} if isinstance(value, dict) else value
+        if isinstance(value, dict) and isinstance(section.get(key), dict):
+            merged = copy.deepcopy(section[key])
+            _override(merged, value)
+            section[key] = merged
+        else:
+            section[key] = copy.deepcopy(value) if isinstance(value, dict) else value
 
 
 #: a protein entry's keys that override a top-level section for its steps (:func:`protein_config`), not its spec
@@ -313,8 +325,8 @@ PROTEIN_SECTION_OVERRIDES = ("train", "simulation", "cryoem")
 
 
 def protein_config(cfg: dict, protein: str | None) -> dict:
-    """A copy of ``cfg`` whose ``train`` and ``simulation`` sections carry ``protein``'s overrides of them (the
-    config as is for ``None`` or a protein without them).
+    """A copy of ``cfg`` whose ``train``, ``simulation`` and ``cryoem`` sections carry ``protein``'s overrides of
+    them (:data:`PROTEIN_SECTION_OVERRIDES`; the config as is for ``None`` or a protein without them).
 
     ``proteins: [{name: 4AKE_A, pdb: 4AKE, train: {xrai_cryoem: {train_snr_db: 10}}}]`` trains on 4AKE_A
     with training noise; its simulation and every other protein's reconstruction are unchanged.
