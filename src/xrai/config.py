@@ -313,11 +313,9 @@ def _override(section: dict, overrides: dict) -> None:
     """
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(section.get(key), dict):
-            merged = copy.deepcopy(section[key])
-            _override(merged, value)
-            section[key] = merged
-        else:
-            section[key] = copy.deepcopy(value) if isinstance(value, dict) else value
+            _override(section[key], value)
+        else:  # a copy: the section never aliases the override's dicts
+            section[key] = copy.deepcopy(value)
 
 
 #: a protein entry's keys that override a top-level section for its steps (:func:`protein_config`), not its spec

@@ -106,8 +106,6 @@ CHECKPOINT_FORMAT = 1
 AUTO_BETA_START_PHOTONS = 100.0
 #: ``emc.beta.start: auto`` on Gaussian (noise-free) data
 AUTO_BETA_START_GAUSSIAN = 0.05
-#: images read to estimate the photons per pattern for ``beta.start: auto``
-_PHOTON_SAMPLE_IMAGES = 256
 #: columns of metrics.csv (``step`` = iteration; test_pose_* only on the final row)
 METRIC_COLUMNS = (
     "step", "level", "n_orientations", "beta", "log_likelihood", "objective", "model_change", "merge_step", "mm_step",
@@ -206,7 +204,7 @@ class EMCSettings:
             return self
         start = AUTO_BETA_START_GAUSSIAN
         if likelihood == "poisson":
-            start = min(self.beta_max, AUTO_BETA_START_PHOTONS / max(signal_photons_per_pattern(dataset, _PHOTON_SAMPLE_IMAGES), 1.0))
+            start = min(self.beta_max, AUTO_BETA_START_PHOTONS / max(signal_photons_per_pattern(dataset), 1.0))
         return replace(self, beta_start=start)
 
     def beta_at(self, iteration: int) -> float:

@@ -144,7 +144,11 @@ def sparse_fitted_poisson_nll(counts_nz: torch.Tensor, mu_nz: torch.Tensor, mu_s
     return (phi * mu_sum + background_sum - (counts_nz * torch.log(lam)).sum(-1)) / n_pixels
 
 
-def signal_photons_per_pattern(dataset: Any, n: int = 256) -> float:
+#: images read to estimate the photons per pattern (EMC's ``beta.start: auto``, the default's ``scored_photons``)
+PHOTON_SAMPLE_IMAGES = 256
+
+
+def signal_photons_per_pattern(dataset: Any, n: int = PHOTON_SAMPLE_IMAGES) -> float:
     """Mean photons per pattern over the usable pixels of the first ``n`` images of ``dataset`` (a
     :class:`~xrai.data.hdf5.DiffractionDataset`), less the expected background (none if it has no ``background``)."""
     photons = dataset.mean_photons_per_pattern(n)

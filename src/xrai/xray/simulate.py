@@ -123,8 +123,9 @@ def disk_plan_table(cfg: dict) -> str:
         return section.get("dtype", "float32") if storage == "dense" else f"{storage} storage; dense bound unless mean_photons"
 
     proteins = list(protein_entries(cfg))
-    sections = {p: protein_config(cfg, p)["simulation"] for p in proteins}
-    plans = {p: planned_bytes(protein_config(cfg, p)) for p in proteins}
+    configs = {p: protein_config(cfg, p) for p in proteins}
+    sections = {p: c["simulation"] for p, c in configs.items()}
+    plans = {p: planned_bytes(c) for p, c in configs.items()}
     n = cfg["detector"]["n_pixels"]
     plan = plans[proteins[0]]
     if all(p == plan for p in plans.values()) and len({kind(s) for s in sections.values()}) == 1:
