@@ -441,3 +441,52 @@ def test_polish_sharpen_takes_one_amount_per_pass(test_config):
     cfg["train"]["xrai"]["polish_sharpen"] = [1.0, -0.5]
     with pytest.raises(XraiError, match="polish_sharpen"):
         validate_config(cfg)
+
+
+# --------------------------------------------------------------------------- EMC's volume at low counts
+
+
+def test_below_emc_start_photons_the_volume_is_emcs_and_stays_fixed(poisson_data):
+    """Below ``emc_start_photons`` the default's first volume is EMC's (here a short level-1 schedule): the
+    test poses inferred against it are far below chance where the usual start (images merged at random
+    poses) is at chance; training steps and ``finish`` leave it unchanged. Not for the known-pose bound,
+    nor above the threshold (the Poisson default's 100 photons against this set's 3,000)."""
+    from xrai.data.hdf5 import DiffractionDataset
+    from xrai.recon.abinitio import POISSON_OVERRIDES, XraiKnownPoseRecipe, XraiRecipe
+    from xrai.recon.train import imaging_model
+
+    train_ds = DiffractionDataset(poisson_data["train"])
+    schedule = {"n_iterations": 10, "levels": [1], "level_iterations": [], "beta": {"start": 0.05, "factor": 1.5}}
+
+    def started(**poisson):
+        cfg = copy.deepcopy(poisson_data["cfg"])
+        cfg["train"]["xrai"] = dict(cfg["train"].get("xrai") or {}, emc_start=schedule,
+                                    poisson=dict(POISSON_OVERRIDES, **poisson))
+        recipe = XraiRecipe(cfg)
+        recipe.configure(train_ds)
+        torch.manual_seed(0)
+        model = recipe.build_model(imaging_model(cfg, train_ds))
+        recipe.prepare(model, train_ds, torch.device("cpu"))
+        return recipe, model
+
+    recipe, model = started(emc_start_photons=10_000.0)
+    assert recipe.volume_from_emc
+    emc_error = _test_error(recipe, model, poisson_data)
+    usual, usual_model = started()
+    assert not usual.volume_from_emc
+    random_error = _test_error(usual, usual_model, poisson_data)
+    assert emc_error < 30.0 < 60.0 < random_error, (emc_error, random_error)
+
+    volume = model.decoder.relative.clone()
+    recipe.tcfg = dict(recipe.tcfg, steps=4)
+    optimizer = recipe.build_optimizer(model)
+    for step in range(2):
+        batch = recipe.batch(train_ds.read(32 * step, 32 * (step + 1)), torch.device("cpu"))
+        recipe.training_step(model, optimizer, batch, step)
+    assert not recipe.finish(model, train_ds, torch.device("cpu"), 256)
+    model.decoder.refresh()
+    torch.testing.assert_close(model.decoder.relative, volume, rtol=0, atol=0)
+
+    bound = XraiKnownPoseRecipe(recipe.cfg)
+    bound.configure(train_ds)
+    assert not bound.volume_from_emc

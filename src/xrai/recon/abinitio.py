@@ -31,6 +31,11 @@ encoder pass plus a fixed-size local refinement -- but trains it differently:
    of the closest head (over ``R`` and ``R @ RZ_PI``) to the target (winner-takes-all),
    so heads specialise on different regions of SO(3) instead of averaging them.
 
+Photon-starved patterns (Poisson likelihood, fewer than ``emc_start_photons`` signal photons
+per mean pattern): hard assignments cannot bootstrap a volume, so the volume is EMC's
+(:func:`xrai.recon.emc.emc_intensity`, soft assignments over an SO(3) grid, ``emc_start``'s
+schedule) and stays fixed; the steps train only the encoder against it and no polish pass runs.
+
 Inference (test images, the poses files): the ``K`` heads x 2 candidates are scored
 against the volume, the best one is refined by the same pattern search with smaller
 steps (``infer_refine_deg``): one encoder pass and a fixed number of volume lookups.
@@ -49,13 +54,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from xrai.imaging import ImagingModel
+from xrai.recon.emc import EMCSettings, emc_intensity
 from xrai.recon.likelihood import (
     estimate_fluence,
     fitted_poisson_nll,
@@ -98,9 +104,17 @@ MIN_WEIGHT = 1e-2
 #: whole training set, each merge sharpened against the blur of the hard assignments' pose errors
 #: (less after the last, whose errors are smallest), and the final poses are local posterior means
 #: (docs/method.md, "Photon counts", "Sharpening the polish merges" and "Posterior-mean poses": measured)
-POISSON_OVERRIDES = {"scored_photons": 400.0, "infer_pixels": 4096, "infer_refine_deg": [8.0, 4.0, 2.0, 1.0, 0.5, 0.25],
+#: Below 100 signal photons per pattern the steps' hard assignments cannot bootstrap a volume (50 photons: chance)
+#: and hard passes walk away from a good one, so the volume is EMC's and only the encoder is trained
+#: (docs/method.md, "Below a hundred photons: EMC's volume")
+POISSON_OVERRIDES = {"scored_photons": 400.0, "emc_start_photons": 100.0, "infer_pixels": 4096, "infer_refine_deg": [8.0, 4.0, 2.0, 1.0, 0.5, 0.25],
                      "infer_search_level": 2, "polish_passes": 4, "polish_sharpen": [1.0, 1.0, 1.0, 0.5],
                      "infer_posterior_mean_deg": 4.0, "infer_posterior_mean_temperature": 2.0}
+
+
+#: ``train.xrai.emc_start``'s schedule where the config gives none: the photon curve's EMC at 50 photons
+EMC_START_SCHEDULE = {"n_iterations": 50, "levels": [1, 2], "level_iterations": [35],
+                      "beta": {"start": "auto", "factor": 1.4, "every": 3, "max": 1.0}}
 
 
 def _per_pass(value: float | list[float] | tuple[float, ...]) -> tuple[float, ...]:
@@ -132,6 +146,8 @@ class XraiSettings:
     infer_posterior_mean_deg: float = 0.0
     infer_posterior_mean_points: int = 5
     infer_posterior_mean_temperature: float = 1.0
+    emc_start_photons: float = 0.0
+    emc_start: EMCSettings = field(default_factory=lambda: EMCSettings.from_config({"emc": EMC_START_SCHEDULE}))
 
     @classmethod
     def from_config(cls, cfg: dict, likelihood: str = "gaussian") -> XraiSettings:
@@ -164,6 +180,8 @@ class XraiSettings:
             infer_posterior_mean_points=int(x.get("infer_posterior_mean_points", d.infer_posterior_mean_points)),
             infer_posterior_mean_temperature=float(x.get("infer_posterior_mean_temperature",
                                                          d.infer_posterior_mean_temperature)),
+            emc_start_photons=float(x.get("emc_start_photons", d.emc_start_photons)),
+            emc_start=EMCSettings.from_config({"emc": {**EMC_START_SCHEDULE, **(x.get("emc_start") or {})}}),
         )
 
     def sharpen_after_pass(self, index: int) -> float:
@@ -610,16 +628,25 @@ class XraiRecipe(Recipe):
         self._infer_grid_R: tuple[int, torch.Tensor] | None = None  # (level, rotations)
         #: (volume state key, pixels, slices) of the inference grid (:func:`grid_slices`)
         self._slices: tuple | None = None
+        #: the volume is EMC's and stays fixed (:meth:`configure`, ``emc_start_photons``)
+        self.volume_from_emc = False
 
     def configure(self, dataset: Any) -> None:
         """The base's likelihood, mask and background; then the settings for that likelihood, with ``pixels``
         raised (Poisson, ``scored_photons`` > 0) until the scored pixels hold ``scored_photons`` signal photons
-        of a mean pattern (all usable pixels at most)."""
+        of a mean pattern (all usable pixels at most), and :attr:`volume_from_emc` set where a mean pattern
+        holds fewer than ``emc_start_photons`` (Poisson, a recipe that learns poses)."""
         super().configure(dataset)
         s = XraiSettings.from_config(self.cfg, self.likelihood)
-        if self.poisson and s.scored_photons > 0:
-            usable = int(self.mask.sum())
+        photons = None
+        if self.poisson and (s.scored_photons > 0 or s.emc_start_photons > 0):
             photons = max(signal_photons_per_pattern(dataset), 1.0)
+        self.volume_from_emc = bool(self.learns_poses and photons is not None and photons < s.emc_start_photons)
+        if self.volume_from_emc:
+            logger.info("xrai: %.0f signal photons per pattern (< %.0f): the volume is EMC's, only the encoder is "
+                        "trained", photons, s.emc_start_photons)
+        if photons is not None and s.scored_photons > 0:
+            usable = int(self.mask.sum())
             pixels = min(usable, max(s.pixels, math.ceil(usable * s.scored_photons / photons)))
             if pixels != s.pixels:
                 logger.info("xrai: %.0f signal photons per pattern: each step scores %d pixels (not %d) to see %.0f",
@@ -693,7 +720,10 @@ class XraiRecipe(Recipe):
         dec.scale.fill_(scale)
         dec.radial.copy_(radial / scale)
         model.update_profile()
-        self.initial_volume(model, data)
+        if self.volume_from_emc:
+            self.emc_volume(model, dataset, device)
+        else:
+            self.initial_volume(model, data)
         logger.info("xrai: radial profile from %d images (mean amplitude %.4g, %s likelihood); volume %d^3",
                     len(data), scale, self.likelihood, dec.grid.size)
 
@@ -707,6 +737,17 @@ class XraiRecipe(Recipe):
         merged = data[:m] if self.poisson else model.normalise(data[:m]) * self._mask(model)  # z for Gaussian
         self._merge(model, R0, merged.reshape(m, -1), pixels, decay=0.0)
         logger.info("xrai: first volume merged from %d images at random poses", m)
+
+    @torch.no_grad()
+    def emc_volume(self, model: XraiModel, dataset: Any, device: torch.device) -> None:
+        """The volume of EMC (soft assignments over an SO(3) grid, ``emc_start``'s schedule) on ``dataset``,
+        seeded by the run's seed; it stays fixed through the steps (no merges) and no polish pass runs."""
+        t0 = time.perf_counter()
+        intensity = emc_intensity(self.cfg, self.settings.emc_start, dataset, model.decoder.grid, device,
+                                  seed=int(torch.initial_seed()) % 2**62)
+        model.decoder.set_intensity(intensity.to(model.decoder.weight))
+        logger.info("xrai: volume from EMC (%d images, at most %d iterations) in %.1f s", len(dataset),
+                    self.settings.emc_start.n_iterations, time.perf_counter() - t0)
 
     # -- helpers
     def _pixels_within(self, model: XraiModel, fraction: float) -> torch.Tensor:
@@ -825,8 +866,9 @@ class XraiRecipe(Recipe):
                 searched = grid_loss < best_loss
                 target = torch.where(searched[:, None, None], R_grid, target)
             target = refine_poses(model, target, zp, pixels, s.refine_deg, background=bg)
-            decay = max(0.0, 1.0 - B / s.memory(step, total))
-            self._merge(model, target, data, inside, decay)
+            if not self.volume_from_emc:
+                decay = max(0.0, 1.0 - B / s.memory(step, total))
+                self._merge(model, target, data, inside, decay)
 
         for group in optimizer.param_groups:
             group["lr"] = self._lr(step)
@@ -891,9 +933,11 @@ class XraiRecipe(Recipe):
         then replaces the volume by the merge of all of them at once at those poses, nothing
         forgotten (the M-step of hard-assignment EM over the whole set). The cost of a pass is one inference of the training set (it grows with ``N``); the
         images are streamed in batches and only the two merged sums are kept (memory stays flat).
+        None when the volume is EMC's (:attr:`volume_from_emc`): at tens of photons hard passes walk
+        away from it (docs/method.md).
         """
         s = self.settings
-        if s.polish_passes <= 0:
+        if s.polish_passes <= 0 or self.volume_from_emc:
             return False
         was_training = model.training
         model.eval()

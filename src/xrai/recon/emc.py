@@ -216,6 +216,16 @@ class EMCSettings:
         return (iteration >= sum(self.level_iterations)
                 and self.beta_at(iteration) >= self.beta_max * (1 - 1e-12))
 
+    def converged(self, iteration: int, result: IterationResult, previous: dict) -> bool:
+        """Whether ``iteration`` (0-based; its ``result``) ends the run: in the final stage, at the same level
+        and beta as the ``previous`` iteration (its ``level``, ``beta``, ``log_likelihood``), with the relative
+        model and log-likelihood changes both below ``tolerance``."""
+        if not self.is_final_stage(iteration) or previous["level"] != self.level_at(iteration) \
+                or previous["beta"] != self.beta_at(iteration):
+            return False
+        ll_change = abs(result.log_likelihood - previous["log_likelihood"]) / max(abs(result.log_likelihood), 1e-30)
+        return result.model_change < self.tolerance and ll_change < self.tolerance
+
 
 # --------------------------------------------------------------------------- the algorithm
 
@@ -704,6 +714,61 @@ def _pose_summary(best: torch.Tensor, level: int, quats_true: torch.Tensor) -> d
     return summarize_pose_errors(pose_errors_deg(R_pred, quaternion_to_matrix(quats_true.double()))[0])
 
 
+def build_emc(cfg: dict, settings: EMCSettings, dataset: Any, device: torch.device | str = "cpu",
+              grid: ReciprocalGrid | None = None) -> tuple[ExpandMaximizeCompress, EMCSettings, str]:
+    """The EMC model for ``dataset`` under ``settings``: ``(emc, settings with beta.start resolved, likelihood)``.
+
+    The likelihood (``auto``: from the dataset), the per-image scale (``auto``: on for Poisson) and
+    ``beta.start: auto`` are resolved here; the pixel factor is the config's detector's; masked pixels
+    are left out. ``grid`` defaults to the config's reconstruction grid. Example::
+
+        emc, settings, likelihood = build_emc(cfg, EMCSettings.from_config(cfg), DiffractionDataset("train.h5"))
+        emc.initialize(dataset, torch.Generator().manual_seed(0))
+    """
+    from xrai.xray.geometry import reciprocal_grid
+    from xrai.xray.imaging import detector_pixel_factor
+
+    likelihood = resolve_likelihood(settings.likelihood, dataset, key="emc.likelihood")
+    per_image_scale = (likelihood == "poisson") if settings.per_image_scale == "auto" else bool(settings.per_image_scale)
+    if settings.beta_start == "auto":
+        settings = settings.with_beta_start(likelihood, dataset)
+        logger.info("emc.beta.start auto: %.4g (%s likelihood)", settings.beta_start, likelihood)
+    ewald = dataset.pixel_position_reciprocal
+    pixel_factor = detector_pixel_factor(cfg, ewald).double() ** 2  # polarization x solid angle / mean
+    emc = ExpandMaximizeCompress(grid if grid is not None else reciprocal_grid(cfg), ewald, pixel_factor,
+                                 likelihood=likelihood, per_image_scale=per_image_scale,
+                                 chunk_size=settings.chunk_size, device=device, mask=dataset.mask)
+    if bool((dataset.background > 0).any()):
+        logger.warning("emc: %s has a background (%.3g photons per image); EMC does not model it",
+                       dataset.path, float(dataset.background[dataset.mask].sum()))
+    return emc, settings, likelihood
+
+
+def emc_intensity(cfg: dict, settings: EMCSettings, dataset: Any, grid: ReciprocalGrid,
+                  device: torch.device | str = "cpu", seed: int = 0) -> torch.Tensor:
+    """EMC's intensity on ``grid`` from a random start, ``settings``' schedule run in memory (no files,
+    no checkpoint): the first volume of the default recipe at low photon counts
+    (``train.xrai.emc_start_photons``). Stops at ``n_iterations`` or at convergence, as ``xrai emc``.
+
+    Example::
+
+        volume = emc_intensity(cfg, EMCSettings(levels=[1, 2], level_iterations=[35]), dataset, grid)
+    """
+    emc, settings, likelihood = build_emc(cfg, settings, dataset, device, grid)
+    emc.initialize(dataset, torch.Generator().manual_seed(int(seed)))
+    previous = None
+    for iteration in range(settings.n_iterations):
+        level, beta = settings.level_at(iteration), settings.beta_at(iteration)
+        res = emc.iterate(dataset, level, beta)
+        logger.info("emc start %d/%d: level %d, beta %.3g | log-lik %.6g/image, model change %.2e, max prob %.3f "
+                    "| %.1f s", iteration + 1, settings.n_iterations, level, beta, res.log_likelihood,
+                    res.model_change, res.mean_max_probability, res.seconds)
+        if previous is not None and settings.converged(iteration, res, previous):
+            break
+        previous = {"level": level, "beta": beta, "log_likelihood": res.log_likelihood}
+    return emc.volume
+
+
 def run_emc(
     cfg: dict,
     run: int,
@@ -731,7 +796,6 @@ def run_emc(
     )
     from xrai.utils import pick_device, resource_usage, seed_everything, set_cpu_threads
     from xrai.xray.geometry import reciprocal_grid
-    from xrai.xray.imaging import detector_pixel_factor
 
     settings = EMCSettings.from_config(cfg)
     out = Path(out_dir)
@@ -743,19 +807,8 @@ def run_emc(
     if train_ds.image_shape != test_ds.image_shape:
         raise XraiError(f"{test_data}: images {test_ds.image_shape} differ from the train set's {train_ds.image_shape}")
     grid = reciprocal_grid(cfg)
-    likelihood = resolve_likelihood(settings.likelihood, train_ds, key="emc.likelihood")
-    per_image_scale = (likelihood == "poisson") if settings.per_image_scale == "auto" else bool(settings.per_image_scale)
-    if settings.beta_start == "auto":
-        settings = settings.with_beta_start(likelihood, train_ds)
-        logger.info("emc.beta.start auto: %.4g (%s likelihood)", settings.beta_start, likelihood)
-    ewald = train_ds.pixel_position_reciprocal
-    pixel_factor = detector_pixel_factor(cfg, ewald).double() ** 2  # polarization x solid angle / mean
-    emc = ExpandMaximizeCompress(grid, ewald, pixel_factor, likelihood=likelihood,
-                                 per_image_scale=per_image_scale, chunk_size=settings.chunk_size,
-                                 device=device, mask=train_ds.mask)
-    if bool((train_ds.background > 0).any()):
-        logger.warning("emc: %s has a background (%.3g photons per image); EMC does not model it",
-                       train_ds.path, float(train_ds.background[train_ds.mask].sum()))
+    emc, settings, likelihood = build_emc(cfg, settings, train_ds, device, grid)
+    per_image_scale = emc.per_image_scale
     n_train = len(train_ds)
     logger.info("emc run %d: seed %d, %s likelihood%s, %d train images (%s), %d test, grid %d^3, levels %s, "
                 "%s (%d threads)", run, seed, likelihood, " + per-image scale" if per_image_scale else "",
@@ -814,10 +867,8 @@ def run_emc(
                    "mean_max_probability": res.mean_max_probability,
                    "train_pose_median_deg": _pose_summary(best[:n_pose], level, quats_train)["median_deg"],
                    "iteration_s": res.seconds, "wall_s": wall, "rss_mb": resource_usage(device)["rss_mb"]}
-            if rows and settings.is_final_stage(iteration - 1) and rows[-1]["level"] == level \
-                    and rows[-1]["beta"] == beta:
-                ll_change = abs(res.log_likelihood - rows[-1]["log_likelihood"]) / max(abs(res.log_likelihood), 1e-30)
-                converged = res.model_change < settings.tolerance and ll_change < settings.tolerance
+            if rows:
+                converged = settings.converged(iteration - 1, res, rows[-1])
             rows.append(row)
             logger.info("iteration %d/%d: level %d (%d orientations), beta %.3g | log-lik %.6g/image, model change "
                         "%.2e, steps %.2f / %.2f, max prob %.3f | train pose median %.2f deg | %.1f s | rss %.0f MB%s",
