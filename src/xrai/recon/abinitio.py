@@ -54,6 +54,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -941,29 +942,38 @@ class XraiRecipe(Recipe):
             return False
         was_training = model.training
         model.eval()
-        pixels = self._pixels_within(model, 1.0)
-        n = len(dataset)
         try:
             for p in range(s.polish_passes):
                 t0 = time.perf_counter()
-                sums = weights = None
-                for start in range(0, n, batch_size):
-                    batch = self.batch(dataset.read(start, min(start + batch_size, n)), device)
-                    data, _ = self.observe(model, batch)
-                    # the refined maxima: merged at posterior means the passes ended higher (docs/method.md)
-                    R, _ = self.infer_poses(model, batch, posterior_mean=False)
-                    a, b = self._splat(model, R, data, pixels)
-                    sums, weights = (a, b) if sums is None else (sums + a, weights + b)
-                if sums is None:
+                # the refined maxima: merged at posterior means the passes ended higher (docs/method.md)
+                if not self._merge_dataset(model, dataset, device, batch_size,
+                                           lambda batch: self.infer_poses(model, batch, posterior_mean=False)[0]):
                     return False
-                model.decoder.accumulate(sums, weights, decay=0.0)
                 amount = s.sharpen_after_pass(p)
                 if amount > 0:
                     model.decoder.sharpen(s.polish_sharpen_sigma, amount)
                 logger.info("xrai polish pass %d/%d: %d images re-assigned and merged in %.1f s",
-                            p + 1, s.polish_passes, n, time.perf_counter() - t0)
+                            p + 1, s.polish_passes, len(dataset), time.perf_counter() - t0)
         finally:
             model.train(was_training)
+        return True
+
+    @torch.no_grad()
+    def _merge_dataset(self, model: XraiModel, dataset: Any, device: torch.device, batch_size: int,
+                       poses: Callable[[Batch], torch.Tensor]) -> bool:
+        """Replace the volume by every image of ``dataset`` merged once at ``poses(batch)`` (streamed in
+        batches; only the two merged sums are kept). False for an empty dataset."""
+        pixels = self._pixels_within(model, 1.0)
+        n = len(dataset)
+        sums = weights = None
+        for start in range(0, n, batch_size):
+            batch = self.batch(dataset.read(start, min(start + batch_size, n)), device)
+            data, _ = self.observe(model, batch)
+            a, b = self._splat(model, poses(batch).to(data.dtype), data, pixels)
+            sums, weights = (a, b) if sums is None else (sums + a, weights + b)
+        if sums is None:
+            return False
+        model.decoder.accumulate(sums, weights, decay=0.0)
         return True
 
 
@@ -973,7 +983,8 @@ class XraiKnownPoseRecipe(XraiRecipe):
     The resolution bound of ``method: xrai`` (as ``known-pose`` is the bound of the paper's
     FourierNet): the same radial normalisation, likelihood and voxel grid, every unmasked
     pixel of every batch merged at its true rotation, nothing forgotten. No encoder is
-    trained; one pass over the data (``steps * batch_size >= N``) merges every image once.
+    trained. The steps' merges measure progress; :meth:`finish` then replaces the volume by
+    every training image merged once at its true pose, whatever ``steps * batch_size`` covered.
     """
 
     name = "xrai-known-pose"
@@ -994,8 +1005,12 @@ class XraiKnownPoseRecipe(XraiRecipe):
         return {"loss": float(loss.mean())}
 
     def finish(self, model: XraiModel, dataset: Any, device: torch.device, batch_size: int) -> bool:
-        """No polish passes: every image is already merged at its true pose."""
-        return False
+        """The bound's volume: every training image merged once at its true pose (no polish passes)."""
+        t0 = time.perf_counter()
+        merged = self._merge_dataset(model, dataset, device, batch_size, lambda batch: batch.rotations)
+        logger.info("xrai-known-pose: %d images merged at their true poses in %.1f s", len(dataset),
+                    time.perf_counter() - t0)
+        return merged
 
     @torch.no_grad()
     def infer(self, model: XraiModel, batch: Batch) -> SymmetrizedLoss:
