@@ -754,7 +754,7 @@ def emc_intensity(cfg: dict, settings: EMCSettings, dataset: Any, grid: Reciproc
 
         volume = emc_intensity(cfg, EMCSettings(levels=[1, 2], level_iterations=[35]), dataset, grid)
     """
-    emc, settings, likelihood = build_emc(cfg, settings, dataset, device, grid)
+    emc, settings, _ = build_emc(cfg, settings, dataset, device, grid)
     emc.initialize(dataset, torch.Generator().manual_seed(int(seed)))
     previous = None
     for iteration in range(settings.n_iterations):
